@@ -1,0 +1,58 @@
+# Everything installs itself: `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+THREADS ?= 2
+
+.PHONY: help install data demo test test-fast baseline bench bench-globalmp clean
+
+help:
+	@echo "make demo            set up, then prune the built-in model to 90% sparsity with one epoch of fine-tuning"
+	@echo "make test            set up, then run every test (slow ones included)"
+	@echo "make test-fast       the tests without the slow marker"
+	@echo "make baseline        retrain the shipped built-in baseline"
+	@echo "make bench           every benchmark, results under reports/"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch==2.14.1 and torchvision==0.29.1 come from this machine's disk through pip; see README.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# Fashion-MNIST from Debian when root; otherwise compress falls back to torchvision's download and, failing
+# that, says what to install.
+data:
+	@if [ -f $(FMNIST) ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; \
+	else echo "note: Fashion-MNIST is not installed; run 'sudo apt-get install dataset-fashion-mnist' (compress will try torchvision's download)"; fi
+
+demo: install data
+	$(BIN)/compress prune --method globalmp --sparsity 0.9 --finetune-epochs 1 --threads $(THREADS) \
+		--out runs/demo --force
+
+test: install data
+	$(BIN)/python -m pytest
+
+test-fast: install data
+	$(BIN)/python -m pytest -m "not slow"
+
+baseline: install data
+	$(BIN)/compress train --model rescnn --data fashion-mnist --epochs 10 --lr 0.1 --seed 0 \
+		--threads $(THREADS) --out runs/baseline-rescnn --force --install-baseline
+
+bench-globalmp: install data
+	$(BIN)/python benchmarks/bench_globalmp.py --threads $(THREADS)
+
+bench: bench-globalmp
+
+clean:
+	rm -rf runs .pytest_cache

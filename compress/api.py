@@ -1,0 +1,268 @@
+"""The public verbs for use from Python: train, prune, finetune. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+import copy
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from compress import artifact
+from compress.config import ConfigBase, FinetuneConfig
+from compress.data import Splits, load_dataset
+from compress.errors import AuditError
+from compress.finetune import Evaluation, default_device, evaluate, train
+from compress.measure import count_macs, count_params, measure_latency_pair, model_sizes
+from compress.measure.conditions import environment
+from compress.methods import METHODS, Context, Result, method_for_config
+from compress.models import LoadedModel, load_model
+from compress.models.loader import baseline_paths
+from compress.report import render_markdown
+
+SCHEMA_VERSION = 1
+CHECKPOINT_FILE = "finetune.ckpt"
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource:
+    """Where the model comes from (the `--model` family of options)."""
+
+    spec: str | None = None
+    weights: str | None = None
+    num_classes: int | None = None
+    trust_pickle: bool = False
+
+    def load(self) -> LoadedModel:
+        return load_model(self.spec, weights=self.weights, num_classes=self.num_classes,
+                          trust_pickle=self.trust_pickle)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What every run shares."""
+
+    out: Path
+    data: str | None = None
+    seed: int = 0
+    force: bool = False
+    latency: bool = True
+    latency_threads: int = 1
+    latency_runs: int = 30
+    command: str = field(default_factory=lambda: shlex.join(["compress", *sys.argv[1:]]))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """in_channels of the first convolution, if any (to widen grayscale data for RGB architectures)."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            return module.in_channels
+    return None
+
+
+def load_data_for(loaded: LoadedModel, data: str | None, seed: int) -> Splits:
+    """The data set asked for, or the model's own, shaped for the model's first layer."""
+    splits = load_dataset(data or loaded.dataset or "fashion-mnist", seed)
+    channels = input_channels(loaded.model)
+    return splits.with_channels(channels) if channels else splits
+
+
+def _task_row(before: Evaluation | None, after_compression: Evaluation | None,
+              after_finetune: Evaluation | None) -> dict[str, Any]:
+    def acc(e: Evaluation | None) -> float | None:
+        return None if e is None else round(e.accuracy, 4)
+
+    return {"metric": "accuracy", "higher_is_better": True, "split": "test", "before": acc(before),
+            "after_compression": acc(after_compression), "after_finetune": acc(after_finetune)}
+
+
+def describe_model(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+    """Params, MACs (dense and effective), FLOPs and bytes of one model."""
+    params, macs = count_params(model), count_macs(model, example)
+    return {"params_total": params.total, "params_nonzero": params.nonzero, "buffers": params.buffers,
+            "macs": macs.macs, "flops": macs.flops, "macs_effective": macs.macs_effective,
+            "bytes": model_sizes(model).bytes}
+
+
+def audit(result: Result) -> list[str]:
+    """Problems with a compression result: target missed, floors broken."""
+    problems = []
+    summary = result.summary
+    if "target_pruned" in summary and summary["pruned"] != summary["target_pruned"]:
+        problems.append(f"pruned {summary['pruned']} weights, requested {summary['target_pruned']} "
+                        f"(sparsity {summary['achieved']:.6f} vs {summary['requested']})")
+    for layer in result.layers:
+        if layer.get("kept", 1) < layer.get("floor", 0):
+            problems.append(f"layer {layer['name']} keeps {layer['kept']} weights, below its floor {layer['floor']}")
+    return problems
+
+
+def _finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, result: Result, teacher: nn.Module | None,
+              seed: int, run: artifact.RunDir, progress: Progress | None) -> dict[str, Any]:
+    """Fine-tune with masks kept, checkpointing into the partial run directory so a rerun resumes."""
+    log = train(model, splits, cfg, masks=result.masks, teacher=teacher if cfg.distill else None,
+                step_hook=result.step_hook, seed=seed, checkpoint=run.path(CHECKPOINT_FILE), progress=progress)
+    return {"config": cfg.to_dict(), "epochs": log.epochs, "resumed_from_epoch": log.resumed_from_epoch,
+            "epoch_losses": [round(v, 5) for v in log.epoch_losses]}
+
+
+def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, finetune_cfg: FinetuneConfig | None = None,
+          progress: Progress | None = None) -> dict[str, Any]:
+    """Compress a model with the method its config names, fine-tune, measure, save the run and report.
+
+    Returns the report (the dict written as report.json). Raises `AuditError` (exit 6) after writing the run
+    when the result misses its target or a floor.
+    """
+    run = artifact.RunDir(options.out, force=options.force, inputs=_input_paths(source))
+    seed_everything(options.seed)
+    loaded = source.load()
+    splits = load_data_for(loaded, options.data, options.seed)
+    device = default_device()
+    model = loaded.model.to(device)
+    original = copy.deepcopy(model).eval()
+    example = splits.test.x[:1].to(device)
+    before = evaluate(model, splits.test)
+    spec = method_for_config(method_cfg)
+    started = time.perf_counter()
+    result = spec.apply(model, method_cfg, Context(example, splits, device, options.seed, progress))
+    prune_seconds = time.perf_counter() - started
+    after_compression = evaluate(model, splits.test)
+    report: dict[str, Any] = {}
+    after_finetune = None
+    if finetune_cfg is not None and finetune_cfg.epochs > 0:
+        report["finetune"] = _finetune(model, splits, finetune_cfg, result=result, teacher=original,
+                                       seed=options.seed, run=run, progress=progress)
+        after_finetune = evaluate(model, splits.test)
+        if result.refresh is not None:
+            result = result.refresh()
+    report.update(_base_report(options, spec.name, method_cfg, loaded))
+    report["model"].update(before=describe_model(original, example), after=describe_model(model, example))
+    report["sparsity"] = {k: result.summary[k] for k in ("requested", "achieved", "counted_over") if k in result.summary}
+    report["summary"] = result.summary
+    report["layers"] = result.layers
+    report["tasks"] = {"classification": _task_row(before, after_compression, after_finetune)}
+    report["timings"] = {"compress_seconds": round(prune_seconds, 4)}
+    if options.latency:
+        report["latency"] = [measure_latency_pair(model.cpu(), original.cpu(), example.cpu(), batch=1,
+                                                  threads=options.latency_threads, runs=options.latency_runs).to_dict()]
+    problems = audit(result)
+    report["audit"] = {"ok": not problems, "problems": problems}
+    exit_code = AuditError.exit_code if problems else 0
+    report.update(status="audit_failed" if problems else "ok", exit_code=exit_code)
+    manifest = _manifest(loaded, splits, options, source)
+    artifact.save_model_files(run, model.cpu(), loaded.arch, manifest, result.masks)
+    _write_reports(run, report, method_cfg, finetune_cfg, options)
+    run.commit()
+    if problems:
+        raise AuditError(f"compression audit failed: {problems[0]}" + (f" (+{len(problems) - 1} more)"
+                                                                       if len(problems) > 1 else "")
+                         + f"; see {options.out / 'report.md'}")
+    return report
+
+
+def _input_paths(source: ModelSource) -> tuple[Path, ...]:
+    return tuple(Path(p) for p in (source.spec, source.weights) if p)
+
+
+def _base_report(options: RunOptions, method: str, cfg: ConfigBase, loaded: LoadedModel) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "command": options.command, "method": method,
+            "config": cfg.to_dict(), "seed": options.seed, "env": environment(),
+            "model": {"source": loaded.source, "arch": loaded.arch}, "out": str(options.out)}
+
+
+def _manifest(loaded: LoadedModel, splits: Splits, options: RunOptions, source: ModelSource) -> dict[str, Any]:
+    inputs = {str(p): artifact.sha256_file(p) for p in _input_paths(source) if p.exists()}
+    return {"source": loaded.source, "dataset": splits.name, "data_fingerprint": splits.fingerprint,
+            "input_shape": list(splits.input_shape), "num_classes": splits.num_classes, "seed": options.seed,
+            "command": options.command, "inputs": inputs, "versions": environment()["versions"]}
+
+
+def _write_reports(run: artifact.RunDir, report: dict[str, Any], method_cfg: ConfigBase | None,
+                   finetune_cfg: FinetuneConfig | None, options: RunOptions) -> None:
+    recipe = {"method": report.get("method"), "data": options.data, "seed": options.seed,
+              "config": method_cfg.to_dict() if method_cfg else None,
+              "finetune": finetune_cfg.to_dict() if finetune_cfg else None}
+    run.write("recipe.resolved.yaml", yaml.safe_dump(recipe, sort_keys=False))
+    run.write("report.json", artifact.to_json(report))
+    run.write("report.md", render_markdown(report))
+
+
+def finetune(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, teacher: ModelSource | None = None,
+             progress: Progress | None = None) -> dict[str, Any]:
+    """Fine-tune a compress run directory (or any model), keeping its pruned weights at zero."""
+    run = artifact.RunDir(options.out, force=options.force, inputs=_input_paths(source))
+    seed_everything(options.seed)
+    loaded = source.load()
+    splits = load_data_for(loaded, options.data, options.seed)
+    model = loaded.model.to(default_device())
+    example = splits.test.x[:1]
+    masks = artifact.masks_from_manifest(model, loaded.manifest)
+    original = copy.deepcopy(model).cpu().eval()
+    teacher_model = teacher.load().model if teacher is not None else None
+    before = evaluate(model, splits.test)
+    result = Result(model, masks)
+    report: dict[str, Any] = {"finetune": _finetune(model, splits, cfg, result=result, teacher=teacher_model,
+                                                    seed=options.seed, run=run, progress=progress)}
+    after = evaluate(model, splits.test)
+    report.update(_base_report(options, "finetune", cfg, loaded))
+    report["model"].update(before=describe_model(original, example), after=describe_model(model.cpu(), example))
+    report["tasks"] = {"classification": _task_row(before, None, after)}
+    report.update(status="ok", exit_code=0, layers=[], audit={"ok": True, "problems": []})
+    manifest = _manifest(loaded, splits, options, source)
+    artifact.save_model_files(run, model.cpu(), loaded.arch, manifest, masks)
+    _write_reports(run, report, None, cfg, options)
+    run.commit()
+    return report
+
+
+def train_model(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, *, install_baseline: bool = False,
+                progress: Progress | None = None) -> dict[str, Any]:
+    """Train a model from scratch (random init) and save it as a run; optionally as the shipped baseline."""
+    run = artifact.RunDir(options.out, force=options.force)
+    seed_everything(options.seed)
+    loaded = source.load()
+    splits = load_data_for(loaded, options.data, options.seed)
+    model = loaded.model.to(default_device())
+    log = train(model, splits, cfg, seed=options.seed, checkpoint=run.path(CHECKPOINT_FILE), progress=progress)
+    test = evaluate(model, splits.test)
+    calibration = evaluate(model, splits.calibration)
+    report = _base_report(options, "train", cfg, loaded)
+    report["model"].update(after=describe_model(model.cpu(), splits.test.x[:1]))
+    report["tasks"] = {"classification": _task_row(None, None, test)}
+    report.update(status="ok", exit_code=0, layers=[], audit={"ok": True, "problems": []},
+                  finetune={"config": cfg.to_dict(), "epochs": log.epochs,
+                            "epoch_losses": [round(v, 5) for v in log.epoch_losses]})
+    manifest = _manifest(loaded, splits, options, source)
+    manifest.update(recipe=cfg.to_dict(), test_accuracy=round(test.accuracy, 4),
+                    calibration_accuracy=round(calibration.accuracy, 4), arch=loaded.arch)
+    manifest = artifact.save_model_files(run, model.cpu(), loaded.arch, manifest)
+    _write_reports(run, report, None, cfg, options)
+    out = run.commit()
+    if install_baseline and loaded.arch.get("kind") == "builtin":
+        weights, manifest_path = baseline_paths(loaded.arch["name"])
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        artifact.write_atomic(weights, (out / artifact.WEIGHTS_FILE).read_bytes())
+        artifact.write_atomic(manifest_path, artifact.to_json(manifest))
+    return report
+
+
+def method_names() -> list[str]:
+    """Registered method names (the CLI's --method choices)."""
+    return sorted(METHODS)

@@ -1,0 +1,182 @@
+"""The run directory: weights in safetensors with a lossless sparse encoding, arch.json, manifest.json.
+
+A pruned tensor is stored as a bitmask of its nonzeros (packed, 1 bit per weight) plus the nonzero values in
+row-major order, whenever that is smaller than the dense tensor. Decoding gives back every value exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
+from torch import nn
+
+from compress.errors import UsageError
+
+FORMAT = "compress-sparse-v1"
+WEIGHTS_FILE, ARCH_FILE, MANIFEST_FILE = "model.safetensors", "arch.json", "manifest.json"
+MASK_SUFFIX, VALUES_SUFFIX = "::bitmask", "::values"
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A contiguous CPU copy of the state dict (shared tensors de-duplicated by name)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def encode_sparse(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    """Replace each tensor whose bitmask + nonzeros is smaller than it by that pair; returns tensors, shapes."""
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, tensor in state.items():
+        n = tensor.numel()
+        nonzero = tensor != 0
+        nnz = int(nonzero.sum()) if tensor.is_floating_point() else n
+        encoded_bytes = (n + 7) // 8 + nnz * tensor.element_size()
+        if not tensor.is_floating_point() or encoded_bytes >= n * tensor.element_size():
+            tensors[name] = tensor
+            continue
+        bits = np.packbits(nonzero.flatten().numpy())
+        tensors[name + MASK_SUFFIX] = torch.from_numpy(bits)
+        tensors[name + VALUES_SUFFIX] = tensor.flatten()[nonzero.flatten()].contiguous()
+        shapes[name] = list(tensor.shape)
+    return tensors, shapes
+
+
+def decode_sparse(tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """Invert `encode_sparse`."""
+    state = {k: v for k, v in tensors.items() if not k.endswith((MASK_SUFFIX, VALUES_SUFFIX))}
+    for name, shape in shapes.items():
+        values = tensors[name + VALUES_SUFFIX]
+        n = int(np.prod(shape)) if shape else 1
+        keep = torch.from_numpy(np.unpackbits(tensors[name + MASK_SUFFIX].numpy(), count=n).astype(bool))
+        dense = torch.zeros(n, dtype=values.dtype)
+        dense[keep] = values
+        state[name] = dense.view(shape)
+    return state
+
+
+def sparse_bytes(model: nn.Module) -> bytes:
+    """The safetensors file of `model` with the sparse encoding."""
+    tensors, shapes = encode_sparse(_state(model))
+    return save_bytes(tensors, metadata={"format": FORMAT, "sparse_shapes": json.dumps(shapes, sort_keys=True)})
+
+
+def dense_bytes(model: nn.Module) -> bytes:
+    """The plain safetensors file of `model`."""
+    return save_bytes(_state(model))
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load model.safetensors (either encoding) into a dense state dict."""
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+    shapes = json.loads(metadata.get("sparse_shapes", "{}"))
+    return decode_sparse(load_bytes(data), shapes)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Digest of a file or, for a directory, of its files in name order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.read_bytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write to a temporary name beside `path`, then rename over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
+class RunDir:
+    """An output directory built under `<out>.partial` and renamed into place when complete.
+
+    The partial directory survives an interruption, so a rerun with the same `--out` resumes from what it holds
+    (the fine-tuning checkpoint). An existing `out` is refused unless `force`.
+    """
+
+    def __init__(self, out: Path, *, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+        self.out = out.resolve()
+        for source in inputs:
+            if source.exists() and source.resolve() == self.out:
+                raise UsageError(f"--out {out} is the input model; choose a new directory (inputs are never "
+                                 "overwritten)")
+        if self.out.exists() and not force:
+            raise UsageError(f"--out {out} already exists; choose another directory or pass --force")
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.partial.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.partial / name
+
+    def write(self, name: str, data: bytes | str) -> Path:
+        write_atomic(self.partial / name, data)
+        return self.out / name
+
+    def commit(self) -> Path:
+        """Move the finished directory into place (replacing an old one only now, when --force was given)."""
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+            os.replace(self.partial, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.partial, self.out)
+        return self.out
+
+
+def save_model_files(run: RunDir, model: nn.Module, arch: dict[str, Any], manifest: dict[str, Any],
+                     masks: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Write model.safetensors, arch.json and manifest.json; the manifest gains the weights' digest."""
+    weights = sparse_bytes(model)
+    run.write(WEIGHTS_FILE, weights)
+    run.write(ARCH_FILE, to_json(arch))
+    manifest = dict(manifest, format=FORMAT, masked_params=sorted(masks or {}),
+                    outputs={WEIGHTS_FILE: sha256_bytes(weights)})
+    run.write(MANIFEST_FILE, to_json(manifest))
+    return manifest
+
+
+def load_artifact(directory: Path, *, trust_pickle: bool = False):  # -> LoadedModel (import cycle)
+    """Rebuild a model from a run directory with weights-only loading."""
+    from compress.models.loader import LoadedModel, build_from_arch
+
+    directory = Path(directory)
+    for name in (WEIGHTS_FILE, ARCH_FILE):
+        if not (directory / name).exists():
+            raise UsageError(f"{directory} is not a compress output directory (no {name}); give the --out "
+                             "directory of a compress run")
+    arch = json.loads((directory / ARCH_FILE).read_text())
+    manifest_path = directory / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    model = build_from_arch(arch)
+    state = read_weights(directory / WEIGHTS_FILE)
+    model.load_state_dict(state, strict=True)
+    return LoadedModel(model.eval(), arch, str(directory), manifest.get("dataset"), manifest)
+
+
+def masks_from_manifest(model: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Masks for the parameters a run pruned: 1 where the stored weight is nonzero."""
+    params = dict(model.named_parameters())
+    return {name: (params[name].detach() != 0).to(params[name].dtype) for name in manifest.get("masked_params", [])
+            if name in params}

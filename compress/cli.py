@@ -1,0 +1,252 @@
+"""The `compress` command line: thin commands that build configs, call compress.api, and print the report.
+
+Exit codes: 0 ok · 1 unexpected failure · 2 bad usage, config or recipe · 3 budget or regression exceeded ·
+4 export verification failed · 5 unsafe checkpoint refused · 6 compression audit failed (target or floor missed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from compress.errors import EXIT_CODES, CompressError, UsageError
+
+EXIT_HELP = "Exit codes: " + " · ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
+app = typer.Typer(help=f"Make trained PyTorch models smaller and faster, and prove it. {EXIT_HELP}",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+T = TypeVar("T")
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Built-in name, torchvision:NAME, "
+                     "package.module:function, or a compress output directory. Default: the built-in baseline.")]
+WeightsOpt = Annotated[Path | None, typer.Option(help="Weights file (.safetensors or a .pt state dict).")]
+ClassesOpt = Annotated[int | None, typer.Option("--num-classes", help="Classes of the model's head.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling code from checkpoints (unsafe).")]
+DataOpt = Annotated[str | None, typer.Option(help="fashion-mnist, digits or folder:PATH. Default: the model's own.")]
+SeedOpt = Annotated[int, typer.Option(help="Seeds torch, NumPy and Python.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (refused if it exists "
+                   "unless --force). Default: runs/<command>-<time>.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print only the JSON report on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No summary tables.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch intra-op threads for the run.")]
+
+
+class Session:
+    """Per-command console handling: results on stdout, progress on stderr only at a terminal."""
+
+    def __init__(self, *, as_json: bool, quiet: bool, debug: bool) -> None:
+        self.as_json, self.quiet, self.debug = as_json, quiet, debug
+        self.out = Console(no_color=bool(os.environ.get("NO_COLOR")) or None)
+        self.err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
+
+    @property
+    def show_progress(self) -> bool:
+        return not self.quiet and not self.as_json and sys.stderr.isatty() and not os.environ.get("CI")
+
+    @contextmanager
+    def progress(self) -> Iterator[Callable[[str, int, int], None] | None]:
+        """A progress callback drawing a bar on stderr, or None when bars are hidden."""
+        if not self.show_progress:
+            yield None
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=self.err, transient=True) as bar:
+            tasks: dict[str, Any] = {}
+
+            def update(description: str, done: int, total: int) -> None:
+                if description not in tasks:
+                    tasks[description] = bar.add_task(description, total=total)
+                bar.update(tasks[description], completed=done)
+
+            yield update
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """Call fn, turning domain errors into one line on stderr and their exit code."""
+        try:
+            return fn()
+        except CompressError as exc:
+            if self.debug:
+                raise
+            self.err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            self.err.print("interrupted; rerun the same command to resume from the last finished epoch")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+            if self.debug:
+                raise
+            self.err.print(f"unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
+                           "and report it with the output of `compress env`)", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    def emit(self, report: dict[str, Any]) -> None:
+        """The report as JSON or as tables."""
+        if self.as_json:
+            sys.stdout.write(json.dumps(report, default=str) + "\n")
+        elif not self.quiet:
+            from compress.report import print_summary
+
+            print_summary(report, self.out)
+
+
+def _default_out(command: str, out: Path | None) -> Path:
+    return out or Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise UsageError(f"--threads {threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _split_patterns(values: list[str] | None) -> tuple[str, ...]:
+    return tuple(p.strip() for v in values or [] for p in v.split(",") if p.strip())
+
+
+@app.command()
+def prune(
+    method: Annotated[str, typer.Option(help="Compression method: globalmp.")] = "globalmp",
+    sparsity: Annotated[float, typer.Option(help="Fraction of conv/linear weights to prune.")] = 0.9,
+    min_threshold: Annotated[float, typer.Option(help="Floor: percent of all prunable weights every layer keeps "
+                                                 "(the paper's MT, e.g. 0.05).")] = 0.0,
+    min_keep: Annotated[float, typer.Option(help="Floor: fraction of its own weights every layer keeps.")] = 0.0,
+    include: Annotated[list[str] | None, typer.Option(help="Prune only modules matching (glob or re:REGEX).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Never prune modules matching (glob or re:REGEX).")] = None,
+    schedule: Annotated[str, typer.Option(help="oneshot, or gradual (cubic, during fine-tuning).")] = "oneshot",
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning after pruning.")] = 0,
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.01,
+    distill: Annotated[bool, typer.Option(help="Distil from the uncompressed model while fine-tuning.")] = False,
+    latency: Annotated[bool, typer.Option(help="Measure PyTorch CPU latency beside the original.")] = True,
+    model: ModelOpt = None, weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
+    data: DataOpt = None, seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False,
+    quiet: QuietOpt = False, debug: DebugOpt = False, threads: ThreadsOpt = None,
+) -> None:
+    """Compress a model, optionally fine-tune it, measure it against the original, and save the run."""
+    session = Session(as_json=as_json, quiet=quiet, debug=debug)
+
+    def go() -> dict[str, Any]:
+        from compress import api
+        from compress.config import FinetuneConfig, GlobalMPConfig
+
+        _set_threads(threads)
+        if method not in api.method_names():
+            raise UsageError(f"unknown method {method!r}; choose one of {', '.join(api.method_names())}")
+        cfg = GlobalMPConfig(sparsity=sparsity, min_threshold=min_threshold, min_keep=min_keep,
+                             include=_split_patterns(include), exclude=_split_patterns(exclude), schedule=schedule)
+        if schedule == "gradual" and finetune_epochs < 1:
+            raise UsageError("--schedule gradual prunes during fine-tuning; give --finetune-epochs 1 or more")
+        tune = FinetuneConfig(epochs=finetune_epochs, optimizer=optimizer, lr=lr, distill=distill)
+        source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
+                                 trust_pickle=trust_pickle)
+        options = api.RunOptions(out=_default_out("prune", out), data=data, seed=seed, force=force, latency=latency)
+        with session.progress() as progress:
+            return api.prune(source, cfg, options, tune, progress)
+
+    session.emit(session.run(go))
+
+
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Argument(help="A compress output directory (or any --model spec).")],
+    epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning.")] = 1,
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.01,
+    teacher: Annotated[str | None, typer.Option(help="Model spec to distil from (e.g. the original).")] = None,
+    weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
+    seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    debug: DebugOpt = False, threads: ThreadsOpt = None,
+) -> None:
+    """Fine-tune a compressed run; its pruned weights stay zero. An interrupted run resumes when rerun."""
+    session = Session(as_json=as_json, quiet=quiet, debug=debug)
+
+    def go() -> dict[str, Any]:
+        from compress import api
+        from compress.config import FinetuneConfig
+
+        _set_threads(threads)
+        cfg = FinetuneConfig(epochs=epochs, optimizer=optimizer, lr=lr, distill=teacher is not None)
+        source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
+                                 trust_pickle=trust_pickle)
+        teacher_source = api.ModelSource(spec=teacher, trust_pickle=trust_pickle) if teacher else None
+        options = api.RunOptions(out=_default_out("finetune", out), data=data, seed=seed, force=force, latency=False)
+        with session.progress() as progress:
+            return api.finetune(source, cfg, options, teacher_source, progress)
+
+    session.emit(session.run(go))
+
+
+@app.command()
+def train(
+    model: ModelOpt = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 10,
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.1,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size.")] = 128,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 200,
+    install_baseline: Annotated[bool, typer.Option(help="Also install the result as the shipped baseline of a "
+                                                   "built-in model.")] = False,
+    num_classes: ClassesOpt = None, data: DataOpt = None, seed: SeedOpt = 0, out: OutOpt = None,
+    force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Train a model from random initialisation (how the built-in baselines are made)."""
+    session = Session(as_json=as_json, quiet=quiet, debug=debug)
+
+    def go() -> dict[str, Any]:
+        from compress import api
+        from compress.config import FinetuneConfig
+        from compress.models import DEFAULT_MODEL
+
+        _set_threads(threads)
+        cfg = FinetuneConfig(epochs=epochs, optimizer=optimizer, lr=lr, batch_size=batch_size,
+                             warmup_steps=warmup_steps)
+        spec = model or DEFAULT_MODEL
+        # a built-in name alone would load its shipped weights; training starts from random ones
+        source = api.ModelSource(spec=spec, num_classes=num_classes or 10) if ":" not in spec else \
+            api.ModelSource(spec=spec, num_classes=num_classes)
+        options = api.RunOptions(out=_default_out("train", out), data=data, seed=seed, force=force, latency=False)
+        with session.progress() as progress:
+            return api.train_model(source, cfg, options, install_baseline=install_baseline, progress=progress)
+
+    session.emit(session.run(go))
+
+
+@app.command()
+def env(as_json: JsonOpt = False) -> None:
+    """Versions, CPU, threads and accelerator, for bug reports."""
+    from compress.measure.conditions import environment
+
+    info = environment()
+    if as_json:
+        sys.stdout.write(json.dumps(info) + "\n")
+        return
+    console = Console()
+    for key, value in info.items():
+        if isinstance(value, dict):
+            for sub, version in value.items():
+                console.print(f"{sub:>14}: {version}")
+        else:
+            console.print(f"{key:>14}: {value}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

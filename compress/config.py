@@ -1,0 +1,121 @@
+"""Frozen, keyword-only configs, validated on construction, round-tripping through dicts (recipes, reports)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from compress.errors import UsageError
+
+T = TypeVar("T", bound="ConfigBase")
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """Raise a UsageError naming `name`, its value and the allowed range when outside it."""
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if below or above:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise UsageError(f"{name} = {value} is out of range; allowed {left}{low}, {high}{right}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigBase:
+    """Shared dict round-trip for every config."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown key(s) {unknown} for {cls.__name__}; allowed: {sorted(known)}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**values)
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether a module name matches a pattern: `re:REGEX` (search) or an fnmatch glob."""
+    if pattern.startswith("re:"):
+        return re.search(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def validate_patterns(patterns: tuple[str, ...], option: str) -> None:
+    """Fail early on regexes that do not compile."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise UsageError(f"{option} pattern {pattern!r} is not a valid regex ({exc}); "
+                                 "fix it or use a glob without the re: prefix") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlobalMPConfig(ConfigBase):
+    """Global magnitude pruning (Gupta et al.) with per-layer floors, one-shot or gradual."""
+
+    sparsity: float = 0.9
+    min_threshold: float = 0.0   # percent of all prunable weights that each layer keeps (the paper's MT)
+    min_keep: float = 0.0        # fraction of its own weights that each layer keeps
+    include: tuple[str, ...] = ()   # module-name patterns to prune; empty: every Conv/Linear
+    exclude: tuple[str, ...] = ()
+    schedule: str = "oneshot"    # "oneshot" or "gradual" (cubic, across fine-tuning)
+    initial_sparsity: float = 0.0  # gradual: sparsity at the first pruning step
+
+    def __post_init__(self) -> None:
+        _check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
+        _check_range("min_threshold", self.min_threshold, 0.0, 100.0)
+        _check_range("min_keep", self.min_keep, 0.0, 1.0)
+        _check_range("initial_sparsity", self.initial_sparsity, 0.0, self.sparsity)
+        if self.schedule not in ("oneshot", "gradual"):
+            raise UsageError(f"schedule = {self.schedule!r} is unknown; choose oneshot or gradual")
+        validate_patterns(self.include, "--include")
+        validate_patterns(self.exclude, "--exclude")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(ConfigBase):
+    """Fine-tuning (and training) recipe: the paper's cosine schedule, label smoothing, optional distillation."""
+
+    epochs: int = 1
+    optimizer: str = "sgd"       # "sgd" or "adamw"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    batch_size: int = 128
+    augment: bool = True
+    distill: bool = False        # distil from the uncompressed model
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.5   # weight of the distillation term
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise UsageError(f"epochs = {self.epochs} must be >= 0")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise UsageError(f"optimizer = {self.optimizer!r} is unknown; choose sgd or adamw")
+        _check_range("lr", self.lr, 0.0, 10.0, low_open=True)
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        _check_range("distill_alpha", self.distill_alpha, 0.0, 1.0)
+        _check_range("distill_temperature", self.distill_temperature, 0.0, 100.0, low_open=True)
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size = {self.batch_size} must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(ConfigBase):
+    """What every run shares: data, seed, evaluation size."""
+
+    data: str = "fashion-mnist"
+    seed: int = 0
+    eval_batch_size: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)

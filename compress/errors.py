@@ -1,0 +1,49 @@
+"""Domain errors, each carrying the exit code the CLI documents."""
+
+from __future__ import annotations
+
+EXIT_CODES: dict[int, str] = {
+    0: "ok",
+    1: "unexpected failure",
+    2: "bad usage, config or recipe",
+    3: "budget or regression exceeded",
+    4: "export verification failed",
+    5: "unsafe checkpoint refused",
+    6: "compression audit failed (target or floor missed)",
+}
+
+
+class CompressError(Exception):
+    """Base class: a one-line message that names the problem and the fix."""
+
+    exit_code = 1
+
+
+class UsageError(CompressError):
+    """Bad option, config, recipe or model spec (exit 2)."""
+
+    exit_code = 2
+
+
+class BudgetError(CompressError):
+    """A budget or regression gate was exceeded (exit 3)."""
+
+    exit_code = 3
+
+
+class ExportError(CompressError):
+    """An exported model did not match the PyTorch model (exit 4)."""
+
+    exit_code = 4
+
+
+class UnsafeCheckpointError(CompressError):
+    """A checkpoint needs unpickling arbitrary code and --trust-pickle was not given (exit 5)."""
+
+    exit_code = 5
+
+
+class AuditError(CompressError):
+    """The compression missed its target or a floor (exit 6)."""
+
+    exit_code = 6

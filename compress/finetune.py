@@ -1,0 +1,180 @@
+"""Training loop for training and fine-tuning: masks kept, optional distillation, resumable per epoch."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compress.config import FinetuneConfig
+from compress.data import Batches, Splits, TensorSplit
+
+Masks = dict[str, torch.Tensor]
+StepHook = Callable[[int, int], None]
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Accuracy (percent) and mean cross-entropy over a split."""
+
+    accuracy: float
+    loss: float
+
+
+@dataclass
+class TrainLog:
+    """What a training run did, for the report."""
+
+    epochs: int = 0
+    resumed_from_epoch: int = 0
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 512,
+             device: torch.device | None = None) -> Evaluation:
+    """Top-1 accuracy in percent and mean cross-entropy of `model` on `split`."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, total_loss = 0, 0.0
+    for x, y in Batches(split, batch_size):
+        logits = model(x.to(device))
+        y = y.to(device)
+        total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    n = max(len(split), 1)
+    return Evaluation(100.0 * correct / n, total_loss / n)
+
+
+def apply_masks(model: nn.Module, masks: Masks) -> None:
+    """Zero every pruned weight in place (after each optimiser step, so momentum cannot revive it)."""
+    if not masks:
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+
+
+def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum or AdamW; no weight decay on norms and biases."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear warm-up then cosine to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig,
+          teacher_logits: torch.Tensor | None) -> torch.Tensor:
+    """Label-smoothed cross-entropy, mixed with temperature-scaled KL to the teacher when distilling."""
+    hard = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+    if teacher_logits is None:
+        return hard
+    t = cfg.distill_temperature
+    soft = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                    reduction="batchmean", log_target=True) * t * t
+    return (1 - cfg.distill_alpha) * hard + cfg.distill_alpha * soft
+
+
+def _atomic_save(obj: object, path: Path) -> None:
+    """torch.save to a temporary name, then rename, so a crash never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks | None = None,
+          teacher: nn.Module | None = None, step_hook: StepHook | None = None, seed: int = 0,
+          checkpoint: Path | None = None, progress: Progress | None = None,
+          device: torch.device | None = None) -> TrainLog:
+    """Train `model` on `splits.train` for `cfg.epochs` epochs.
+
+    Masks (parameter name -> 0/1 tensor) are re-applied after every optimiser step; `step_hook(step, total)`
+    runs before each step (gradual pruning updates `masks` in place there). With `teacher`, the loss mixes in
+    distillation. With `checkpoint`, state is saved after every epoch and a later call resumes from it; the
+    file is removed when training completes.
+    """
+    device = device or default_device()
+    masks = masks if masks is not None else {}
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    torch.manual_seed(seed)
+    batches = Batches(splits.train, cfg.batch_size, shuffle=True, seed=seed, augment=cfg.augment)
+    total_steps = cfg.epochs * len(batches)
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total_steps, cfg.warmup_steps))
+    log, start_epoch = TrainLog(), 0
+    if checkpoint is not None and checkpoint.exists():
+        start_epoch = _resume(checkpoint, model, optimizer, scheduler, masks, log)
+        batches.epoch = start_epoch
+    apply_masks(model, masks)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        running, seen = 0.0, 0
+        for i, (x, y) in enumerate(batches):
+            step = epoch * len(batches) + i
+            if step_hook is not None:
+                step_hook(step, total_steps)
+            x, y = x.to(device), y.to(device)
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+            loss = _loss(model(x), y, cfg, teacher_logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            apply_masks(model, masks)
+            running, seen = running + loss.item() * len(y), seen + len(y)
+            if progress is not None:
+                progress(f"epoch {epoch + 1}/{cfg.epochs}", i + 1, len(batches))
+        log.epoch_losses.append(running / max(seen, 1))
+        log.epochs = epoch + 1
+        if checkpoint is not None:
+            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "masks": masks,
+                          "losses": log.epoch_losses}, checkpoint)
+    model.eval()
+    if checkpoint is not None and checkpoint.exists():
+        checkpoint.unlink()
+    return log
+
+
+def _resume(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler, masks: Masks, log: TrainLog) -> int:
+    """Restore state saved by `train` (weights-only load); returns the epoch to continue from."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    masks.clear()
+    masks.update(state["masks"])
+    log.epoch_losses = list(state["losses"])
+    log.resumed_from_epoch = log.epochs = int(state["epoch"])
+    return log.resumed_from_epoch

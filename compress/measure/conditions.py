@@ -1,0 +1,45 @@
+"""The conditions a measurement was taken under: versions, CPU, threads, device."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+import torch
+
+PACKAGES = ("compress", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "safetensors", "numpy",
+            "typer", "rich")
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else platform's answer."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """Versions, CPU, thread count and accelerator, for reports and `compress env`."""
+    import os
+
+    return {
+        "versions": {"python": platform.python_version(), **{p: _version(p) for p in PACKAGES}},
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+    }

@@ -1,0 +1,91 @@
+"""PyTorch latency, candidate and baseline interleaved in one process so drift hits both alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LatencyPair:
+    """Medians and p90 of candidate and baseline, and the speed-up (baseline / candidate) with its spread."""
+
+    backend: str
+    batch: int
+    threads: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    baseline_p50_ms: float
+    baseline_p90_ms: float
+    speedup: float
+    speedup_spread: tuple[float, float]  # 25th and 75th percentile of per-round ratios
+
+    def to_dict(self) -> dict:
+        return {"backend": self.backend, "batch": self.batch, "threads": self.threads, "runs": self.runs,
+                "p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "baseline_p50_ms": self.baseline_p50_ms,
+                "baseline_p90_ms": self.baseline_p90_ms, "speedup": self.speedup,
+                "speedup_spread": list(self.speedup_spread)}
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run with an explicit intra-op thread count, restoring the previous one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def interleaved_times(candidate: Callable[[], object], baseline: Callable[[], object], *, runs: int,
+                      warmup: int, synchronize: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
+    """Seconds per call of each, alternating which goes first each round."""
+    for _ in range(warmup):
+        candidate(), baseline()
+    cand, base = [], []
+    for i in range(runs):
+        order = ((candidate, cand), (baseline, base)) if i % 2 == 0 else ((baseline, base), (candidate, cand))
+        for fn, sink in order:
+            synchronize()
+            start = time.perf_counter()
+            fn()
+            synchronize()
+            sink.append(time.perf_counter() - start)
+    return cand, base
+
+
+def summarise_pair(backend: str, batch: int, threads: int, cand: list[float], base: list[float]) -> LatencyPair:
+    """Medians, p90s and the per-round speed-up ratios of two interleaved series."""
+    ratios = [b / c for b, c in zip(base, cand)]
+    return LatencyPair(backend, batch, threads, len(cand), 1e3 * statistics.median(cand), 1e3 * _percentile(cand, 0.9),
+                       1e3 * statistics.median(base), 1e3 * _percentile(base, 0.9),
+                       statistics.median(base) / statistics.median(cand),
+                       (_percentile(ratios, 0.25), _percentile(ratios, 0.75)))
+
+
+def measure_latency_pair(candidate: nn.Module, baseline: nn.Module, example: torch.Tensor, *, batch: int = 1,
+                         threads: int = 1, runs: int = 50, warmup: int = 5,
+                         device: torch.device | None = None) -> LatencyPair:
+    """Latency of `candidate` beside `baseline` on PyTorch (CPU, or CUDA synchronised), in eval mode."""
+    device = device or torch.device("cpu")
+    x = example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
+    candidate, baseline = candidate.eval().to(device), baseline.eval().to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch_threads(threads), torch.inference_mode():
+        cand, base = interleaved_times(lambda: candidate(x), lambda: baseline(x), runs=runs, warmup=warmup,
+                                       synchronize=sync)
+    backend = "pytorch-cuda" if device.type == "cuda" else "pytorch-cpu"
+    return summarise_pair(backend, batch, threads, cand, base)

@@ -1,0 +1,71 @@
+"""What every method shares: the context it may use, the result it returns, and the registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.config import ConfigBase
+from compress.data import Splits
+
+Masks = dict[str, torch.Tensor]
+
+
+@dataclass
+class Context:
+    """What a method may need beyond its config."""
+
+    example_inputs: torch.Tensor
+    splits: Splits | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    progress: Callable[[str, int, int], None] | None = None
+
+
+@dataclass
+class Result:
+    """A compressed model, the masks that keep it compressed, per-layer stats and a summary for the report."""
+
+    model: nn.Module
+    masks: Masks = field(default_factory=dict)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    step_hook: Callable[[int, int], None] | None = None  # for schedules that prune during fine-tuning
+    refresh: Callable[[], Result] | None = None  # recompute stats after fine-tuning changed the masks
+
+
+ApplyFn = Callable[[nn.Module, Any, Context], Result]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its CLI name, config type and apply function."""
+
+    name: str
+    config_type: type[ConfigBase]
+    apply: ApplyFn
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(name: str, config_type: type[ConfigBase]) -> Callable[[ApplyFn], ApplyFn]:
+    """Decorator: make `apply(model, cfg, ctx) -> Result` available as `--method name`."""
+
+    def wrap(fn: ApplyFn) -> ApplyFn:
+        METHODS[name] = MethodSpec(name, config_type, fn)
+        return fn
+
+    return wrap
+
+
+def method_for_config(cfg: ConfigBase) -> MethodSpec:
+    """The method registered for a config's type."""
+    for spec in METHODS.values():
+        if type(cfg) is spec.config_type:
+            return spec
+    raise KeyError(type(cfg).__name__)

@@ -1,0 +1,189 @@
+"""GlobalMP: global magnitude pruning with per-layer floors (Gupta et al.), one-shot or gradual.
+
+One ranking over every prunable weight; exactly round(sparsity * N) weights go, the smallest magnitudes first,
+ties broken by position. Each layer's floor protects its largest weights from the ranking, which is the
+"minimum threshold" of the paper in its cleaner equivalent form (METHODS.md §1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.config import GlobalMPConfig, matches
+from compress.errors import UsageError
+from compress.methods.base import Context, Masks, Result, register
+
+PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+GRADUAL_EVENTS = 10          # pruning steps in the cubic schedule
+GRADUAL_END_FRACTION = 0.75  # the schedule ends here, leaving the last quarter of steps to recover
+
+
+@dataclass(frozen=True)
+class PrunableLayer:
+    """A weight tensor taking part in the global ranking."""
+
+    name: str          # module name
+    kind: str          # module class name
+    weight: nn.Parameter
+
+    @property
+    def param_name(self) -> str:
+        return f"{self.name}.weight"
+
+
+def prunable_layers(model: nn.Module, cfg: GlobalMPConfig) -> list[PrunableLayer]:
+    """Conv/Linear weights selected by the include/exclude patterns, in module order."""
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE_TYPES):
+            continue
+        if cfg.include and not any(matches(name, p) for p in cfg.include):
+            continue
+        if any(matches(name, p) for p in cfg.exclude):
+            continue
+        layers.append(PrunableLayer(name, type(module).__name__, module.weight))
+    if not layers:
+        raise UsageError("no Conv/Linear weights match --include/--exclude; loosen the patterns")
+    return layers
+
+
+def layer_floors(sizes: list[int], cfg: GlobalMPConfig) -> list[int]:
+    """Weights each layer must keep: the larger of the paper's MT (percent of N) and min_keep of its own."""
+    total = sum(sizes)
+    threshold = int(round(cfg.min_threshold / 100.0 * total))
+    return [min(n, max(threshold, math.ceil(cfg.min_keep * n - 1e-9))) for n in sizes]
+
+
+def check_feasible(sizes: list[int], floors: list[int], sparsity: float) -> int:
+    """Number of weights to prune; raises if the floors forbid reaching `sparsity`."""
+    total = sum(sizes)
+    to_prune = int(round(sparsity * total))
+    if sum(floors) > total - to_prune:
+        largest = 1.0 - sum(floors) / total
+        raise UsageError(f"sparsity {sparsity} is unreachable with these floors: they keep {sum(floors)} of "
+                         f"{total} weights, so the largest reachable sparsity is {largest:.6f}; lower "
+                         "--sparsity or --min-threshold/--min-keep")
+    return to_prune
+
+
+def select_pruned(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly the k smallest scores; ties at the threshold go lowest index first."""
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return pruned
+    # NumPy's introselect is an order of magnitude faster than torch.kthvalue on CPU for tens of millions
+    threshold = float(np.partition(scores.numpy(), k - 1)[k - 1])
+    pruned = scores < threshold
+    need = k - int(pruned.sum())
+    ties = torch.nonzero(scores == threshold).flatten()[:need]
+    pruned[ties] = True
+    return pruned
+
+
+def global_scores(layers: list[PrunableLayer], floors: list[int], masks: Masks | None = None) -> torch.Tensor:
+    """|w| over all layers; each layer's `floor` largest set to +inf, already-pruned weights to -1."""
+    parts = []
+    for layer, floor in zip(layers, floors):
+        score = layer.weight.detach().abs().flatten().float().cpu()
+        if masks is not None and layer.param_name in masks:
+            score = torch.where(masks[layer.param_name].flatten().cpu().bool(), score, torch.full_like(score, -1.0))
+        if floor > 0:
+            score[score.topk(floor).indices] = math.inf
+        parts.append(score)
+    return torch.cat(parts)
+
+
+def compute_masks(layers: list[PrunableLayer], cfg: GlobalMPConfig, sparsity: float,
+                  previous: Masks | None = None) -> Masks:
+    """Masks (1 = kept) that prune exactly round(sparsity * N) weights by the global ranking."""
+    sizes = [layer.weight.numel() for layer in layers]
+    floors = layer_floors(sizes, cfg)
+    to_prune = check_feasible(sizes, floors, sparsity)
+    pruned = select_pruned(global_scores(layers, floors, previous), to_prune)
+    masks, offset = {}, 0
+    for layer, n in zip(layers, sizes):
+        keep = ~pruned[offset:offset + n]
+        masks[layer.param_name] = keep.view_as(layer.weight).to(layer.weight.device, layer.weight.dtype)
+        offset += n
+    return masks
+
+
+def apply_masks_to(layers: list[PrunableLayer], masks: Masks) -> None:
+    """Zero the pruned weights in place."""
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(masks[layer.param_name])
+
+
+def layer_stats(layers: list[PrunableLayer], cfg: GlobalMPConfig, masks: Masks) -> list[dict]:
+    """Per-layer audit: shape, weights, kept, sparsity, floor and whether the floor bound it."""
+    sizes = [layer.weight.numel() for layer in layers]
+    rows = []
+    for layer, n, floor in zip(layers, sizes, layer_floors(sizes, cfg)):
+        kept = int(masks[layer.param_name].count_nonzero())
+        shape = list(layer.weight.shape)
+        rows.append({"name": layer.name, "kind": layer.kind, "shape_before": shape, "shape_after": shape,
+                     "params_before": n, "params_after": kept, "weights": n, "kept": kept,
+                     "sparsity": 1.0 - kept / n, "floor": floor, "floor_hit": floor > 0 and kept <= floor})
+    return rows
+
+
+def summarise(layers: list[PrunableLayer], cfg: GlobalMPConfig, masks: Masks) -> dict:
+    """Requested vs achieved sparsity over the ranked weights."""
+    total = sum(layer.weight.numel() for layer in layers)
+    kept = sum(int(masks[layer.param_name].count_nonzero()) for layer in layers)
+    return {"requested": cfg.sparsity, "achieved": 1.0 - kept / total, "pruned": total - kept,
+            "target_pruned": int(round(cfg.sparsity * total)), "counted_over": "conv/linear weights",
+            "prunable_weights": total, "schedule": cfg.schedule}
+
+
+def cubic_sparsity(step: int, end_step: int, initial: float, final: float) -> float:
+    """Zhu & Gupta's schedule: s_t = s_f + (s_i - s_f)(1 - t / end)^3, clamped at s_f after `end`."""
+    if end_step <= 0 or step >= end_step:
+        return final
+    return final + (initial - final) * (1.0 - step / end_step) ** 3
+
+
+class GradualSchedule:
+    """Step hook for fine-tuning: re-ranks globally at each event; pruned weights stay pruned."""
+
+    def __init__(self, layers: list[PrunableLayer], cfg: GlobalMPConfig, masks: Masks) -> None:
+        self.layers, self.cfg, self.masks = layers, cfg, masks
+        self.events: list[tuple[int, float]] = []
+
+    def __call__(self, step: int, total_steps: int) -> None:
+        end = int(GRADUAL_END_FRACTION * total_steps)
+        every = max(1, end // GRADUAL_EVENTS)
+        if step > end or (step % every and step != end):
+            return
+        sparsity = cubic_sparsity(step, end, self.cfg.initial_sparsity, self.cfg.sparsity)
+        if step == end:
+            sparsity = self.cfg.sparsity
+        self.masks.update(compute_masks(self.layers, self.cfg, sparsity, previous=self.masks))
+        apply_masks_to(self.layers, self.masks)
+        self.events.append((step, sparsity))
+
+
+@register("globalmp", GlobalMPConfig)
+def apply(model: nn.Module, cfg: GlobalMPConfig, ctx: Context) -> Result:
+    """Prune `model` in place by global magnitude with floors.
+
+    One-shot: the target sparsity now. Gradual: `initial_sparsity` now, then the returned `step_hook`
+    follows the cubic schedule to the target during fine-tuning (which must then run at least one step).
+    """
+    layers = prunable_layers(model, cfg)
+    sizes = [layer.weight.numel() for layer in layers]
+    check_feasible(sizes, layer_floors(sizes, cfg), cfg.sparsity)
+    first = cfg.sparsity if cfg.schedule == "oneshot" else cfg.initial_sparsity
+    masks = compute_masks(layers, cfg, first)
+    apply_masks_to(layers, masks)
+    result = Result(model, masks, layer_stats(layers, cfg, masks), summarise(layers, cfg, masks))
+    if cfg.schedule == "gradual":
+        result.step_hook = GradualSchedule(layers, cfg, masks)
+        result.refresh = lambda: Result(model, masks, layer_stats(layers, cfg, masks), summarise(layers, cfg, masks))
+    return result

@@ -1,0 +1,187 @@
+"""Resolve a `--model` spec into a module plus the recipe (`arch`) that rebuilds it without pickle."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.errors import UnsafeCheckpointError, UsageError
+from compress.models.builtin import BUILTIN_ARCHS
+
+DEFAULT_MODEL = "rescnn"
+BASELINES_DIR = Path(__file__).parent / "baselines"
+
+
+@dataclass
+class LoadedModel:
+    """A model, how to rebuild it (`arch`, saved as arch.json), and what it was trained on."""
+
+    model: nn.Module
+    arch: dict[str, Any]
+    source: str
+    dataset: str | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def baseline_paths(name: str) -> tuple[Path, Path]:
+    """The shipped weights and manifest of a built-in model."""
+    return BASELINES_DIR / f"{name}.safetensors", BASELINES_DIR / f"{name}.json"
+
+
+def build_from_arch(arch: dict[str, Any]) -> nn.Module:
+    """Instantiate an architecture from its arch.json description (random weights)."""
+    kind, kwargs = arch.get("kind"), dict(arch.get("kwargs", {}))
+    if kind == "builtin":
+        if arch["name"] not in BUILTIN_ARCHS:
+            raise UsageError(f"unknown built-in model {arch['name']!r}; choose one of {', '.join(BUILTIN_ARCHS)}")
+        if "widths" in kwargs:
+            kwargs["widths"] = tuple(kwargs["widths"])
+        return BUILTIN_ARCHS[arch["name"]](**kwargs)
+    if kind == "torchvision":
+        import torchvision.models as tvm
+
+        try:
+            return tvm.get_model(arch["name"], weights=None, **kwargs)
+        except ValueError:
+            raise UsageError(f"unknown torchvision architecture {arch['name']!r}; see "
+                             "torchvision.models.list_models() for the names") from None
+    if kind == "factory":
+        return _call_factory(arch["target"], kwargs)
+    raise UsageError(f"arch.json has unknown kind {kind!r}; expected builtin, torchvision or factory")
+
+
+def _call_factory(target: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Import `package.module:function` and call it."""
+    module_name, _, function_name = target.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot import factory {target!r} ({exc}); give package.module:function "
+                         "importable from the current environment") from None
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"factory {target!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_state_file(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load a state dict weights-only (safetensors or torch.load(weights_only=True)).
+
+    A file that needs arbitrary unpickling is refused with exit 5 unless `trust_pickle`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"weights file {str(path)!r} does not exist; check the path given to --weights/--model")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+            if isinstance(obj.get(key), nn.Module):
+                return obj[key].state_dict()
+        tensors = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors
+    raise UsageError(f"{str(path)!r} holds no state dict (found {type(obj).__name__}); "
+                     "save one with torch.save(model.state_dict(), PATH)")
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """torch.load weights-only; full unpickling only when the user trusts the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise UnsafeCheckpointError(
+                f"{str(path)!r} contains pickled code (not just weights) and was not loaded; "
+                "re-save it as a state dict or safetensors, or pass --trust-pickle if you trust its author"
+            ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
+        raise UsageError(f"cannot read {str(path)!r} as a PyTorch checkpoint ({type(exc).__name__}); "
+                         "give a .pt/.pth state dict or a .safetensors file") from None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _load_weights(model: nn.Module, weights: str | Path | None, trust_pickle: bool) -> None:
+    """Load a weights file into `model`, with a one-line error naming the mismatched keys."""
+    if weights is None:
+        return
+    state = load_state_file(weights, trust_pickle=trust_pickle)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise UsageError(f"weights {str(weights)!r} do not fit the architecture: missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]}; check --model and --num-classes")
+
+
+def load_model(spec: str | None = None, *, weights: str | Path | None = None, num_classes: int | None = None,
+               trust_pickle: bool = False) -> LoadedModel:
+    """Resolve a model spec.
+
+    Accepted forms: a built-in name (default: the shipped Fashion-MNIST baseline); `torchvision:NAME`
+    (with `weights` and `num_classes`); a factory `package.module:function` (with `weights`); a `compress`
+    output directory; a `.pt` file holding a pickled module (only with `trust_pickle`).
+    """
+    spec = spec or DEFAULT_MODEL
+    path = Path(spec)
+    if path.is_dir():
+        from compress.artifact import load_artifact
+
+        return load_artifact(path)
+    if path.is_file():
+        return _load_pickled_module(path, trust_pickle)
+    if spec in BUILTIN_ARCHS:
+        return _load_builtin(spec, weights, num_classes, trust_pickle)
+    if spec.startswith("torchvision:"):
+        kwargs = {"num_classes": num_classes} if num_classes else {}
+        arch = {"kind": "torchvision", "name": spec.removeprefix("torchvision:"), "kwargs": kwargs}
+    elif ":" in spec:
+        arch = {"kind": "factory", "target": spec, "kwargs": {}}
+    else:
+        raise UsageError(f"cannot resolve model {spec!r}; give a built-in name ({', '.join(BUILTIN_ARCHS)}), "
+                         "torchvision:NAME, package.module:function, or a compress output directory")
+    model = build_from_arch(arch)
+    _load_weights(model, weights, trust_pickle)
+    return LoadedModel(model.eval(), arch, spec)
+
+
+def _load_builtin(name: str, weights: str | Path | None, num_classes: int | None,
+                  trust_pickle: bool) -> LoadedModel:
+    """A built-in model with its shipped baseline weights, unless other weights or classes are given."""
+    shipped, manifest_path = baseline_paths(name)
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    kwargs = dict(manifest.get("arch", {}).get("kwargs", {}))
+    if num_classes:
+        kwargs["num_classes"] = num_classes
+    arch = {"kind": "builtin", "name": name, "kwargs": kwargs}
+    model = build_from_arch(arch)
+    if weights is None and not num_classes:
+        if not shipped.exists():
+            raise UsageError(f"the built-in baseline {name!r} has no trained weights at {shipped}; "
+                             "run `make baseline` to train it")
+        weights = shipped
+    _load_weights(model, weights, trust_pickle)
+    return LoadedModel(model.eval(), arch, name, manifest.get("dataset", "fashion-mnist"), manifest)
+
+
+def _load_pickled_module(path: Path, trust_pickle: bool) -> LoadedModel:
+    """A whole pickled nn.Module: refused unless trusted, since unpickling can run code."""
+    obj = _torch_load(path, trust_pickle)
+    if not isinstance(obj, nn.Module):
+        raise UsageError(f"{str(path)!r} holds weights but no architecture; pass the architecture as --model "
+                         "(built-in, torchvision:NAME or package.module:function) and this file as --weights")
+    return LoadedModel(obj.eval(), {"kind": "pickle", "path": str(path.resolve())}, str(path))

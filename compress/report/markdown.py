@@ -1,0 +1,52 @@
+"""report.md from report.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compress.report.format import LAYER_COLUMNS, latency_rows, layer_rows, model_rows, num, pct, task_rows
+
+SPARSE_NOTE = ("Unstructured sparsity makes the file smaller and can raise accuracy per byte; dense runtimes "
+               "execute the same MACs, so expect size and accuracy changes only, no dense speed-up.")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human-readable report: outcome, accuracy, size and cost, latency, per-layer audit, conditions."""
+    env = report.get("env", {})
+    lines = [f"# compress report: {report.get('method', '?')}", "",
+             f"- status: **{report.get('status')}** (exit {report.get('exit_code')})",
+             f"- model: `{report.get('model', {}).get('source')}`",
+             f"- command: `{report.get('command')}`", f"- seed: {report.get('seed')}", ""]
+    sparsity = report.get("sparsity")
+    if sparsity:
+        lines += [f"Sparsity over {sparsity.get('counted_over')}: requested {pct(sparsity.get('requested'), 3)}, "
+                  f"achieved {pct(sparsity.get('achieved'), 3)}.", "", SPARSE_NOTE, ""]
+    for problem in report.get("audit", {}).get("problems", []):
+        lines.append(f"- **audit:** {problem}")
+    lines += ["## Accuracy", ""]
+    lines += _table(("task", "metric", "before", "after compression", "after fine-tuning"), task_rows(report))
+    lines += ["## Size and cost", ""] + _table(("quantity", "before", "after", "after/before"), model_rows(report))
+    if report.get("latency"):
+        lines += ["## Latency (interleaved with the original in one process)", ""]
+        lines += _table(("backend", "batch", "threads", "runs", "p50 ms", "p90 ms", "original p50 ms",
+                         "speed-up [p25, p75]"), latency_rows(report))
+    finetune = report.get("finetune")
+    if finetune:
+        cfg = finetune["config"]
+        lines += ["## Fine-tuning", "", f"{finetune['epochs']} epoch(s), {cfg['optimizer']}, lr {cfg['lr']}, "
+                  f"label smoothing {cfg['label_smoothing']}, distillation {'on' if cfg['distill'] else 'off'}; "
+                  f"mean loss per epoch {finetune['epoch_losses']}.", ""]
+    rows = layer_rows(report)
+    if rows:
+        lines += ["## Layers", ""] + _table(LAYER_COLUMNS, rows)
+    lines += ["## Conditions", "", f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} cores), "
+              f"torch threads {env.get('threads')}, device {env.get('device')}",
+              "- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v),
+              f"- compression step: {num(report.get('timings', {}).get('compress_seconds'), 3)} s", ""]
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""Importable model factories and pickle payloads for the tests (used as `tests.factories:NAME` specs)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Three 3x3 convolutions with BatchNorm and a linear head; takes 1x8x8 inputs (the `digits` data set)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, 2, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, 1, 1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def tiny_cnn(num_classes: int = 10, seed: int = 0) -> TinyCNN:
+    """A TinyCNN with weights drawn from `seed`, leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TinyCNN(num_classes)
+
+
+class PickleBomb:
+    """Unpickling this creates `path`: the stand-in for arbitrary code in a malicious checkpoint."""
+
+    def __init__(self, path: str | pathlib.Path) -> None:
+        self.path = pathlib.Path(path)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.path,))
