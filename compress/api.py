@@ -167,7 +167,9 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     exit_code = AuditError.exit_code if problems else 0
     report.update(status="audit_failed" if problems else "ok", exit_code=exit_code)
     manifest = _manifest(loaded, splits, options, source)
-    artifact.save_model_files(run, model.cpu(), loaded.arch, manifest, result.masks)
+    arch = dict(loaded.arch, transforms=[*loaded.arch.get("transforms", []), *result.transforms])
+    report["model"]["arch"] = arch
+    artifact.save_model_files(run, model.cpu(), arch, manifest, result.masks)
     _write_reports(run, report, method_cfg, finetune_cfg, options)
     run.commit()
     if problems:
@@ -196,7 +198,8 @@ def _manifest(loaded: LoadedModel, splits: Splits, options: RunOptions, source: 
 
 def _write_reports(run: artifact.RunDir, report: dict[str, Any], method_cfg: ConfigBase | None,
                    finetune_cfg: FinetuneConfig | None, options: RunOptions) -> None:
-    recipe = {"method": report.get("method"), "data": options.data, "seed": options.seed,
+    recipe = {"method": report.get("method"), "model": report["model"]["source"], "data": options.data,
+              "seed": options.seed,
               "config": method_cfg.to_dict() if method_cfg else None,
               "finetune": finetune_cfg.to_dict() if finetune_cfg else None}
     run.write("recipe.resolved.yaml", yaml.safe_dump(recipe, sort_keys=False))

@@ -117,8 +117,31 @@ def _split_patterns(values: list[str] | None) -> tuple[str, ...]:
     return tuple(p.strip() for v in values or [] for p in v.split(",") if p.strip())
 
 
+METHOD_OPTIONS = {"sparsity": "sparsity", "min_threshold": "min_threshold", "min_keep": "min_keep",
+                  "include": "include", "exclude": "exclude", "schedule": "schedule"}
+FINETUNE_OPTIONS = {"finetune_epochs": "epochs", "optimizer": "optimizer", "lr": "lr", "distill": "distill"}
+
+
+def _explicit(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option `name` on the command line (so it overrides the recipe)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _merge(ctx: typer.Context, recipe_part: dict[str, Any] | None, options: dict[str, str],
+           values: dict[str, Any]) -> dict[str, Any]:
+    """Recipe values, overridden by options given explicitly; CLI defaults fill the rest."""
+    merged = {key: values[opt] for opt, key in options.items()}
+    for key, value in (recipe_part or {}).items():
+        opt = next((o for o, k in options.items() if k == key), None)
+        if opt is None or not _explicit(ctx, opt):
+            merged[key] = value
+    return merged
+
+
 @app.command()
 def prune(
+    ctx: typer.Context,
     method: Annotated[str, typer.Option(help="Compression method: globalmp.")] = "globalmp",
     sparsity: Annotated[float, typer.Option(help="Fraction of conv/linear weights to prune.")] = 0.9,
     min_threshold: Annotated[float, typer.Option(help="Floor: percent of all prunable weights every layer keeps "
@@ -132,28 +155,36 @@ def prune(
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.01,
     distill: Annotated[bool, typer.Option(help="Distil from the uncompressed model while fine-tuning.")] = False,
     latency: Annotated[bool, typer.Option(help="Measure PyTorch CPU latency beside the original.")] = True,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (see recipes/); options given here override "
+                                                "it.")] = None,
     model: ModelOpt = None, weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
     data: DataOpt = None, seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False,
     quiet: QuietOpt = False, debug: DebugOpt = False, threads: ThreadsOpt = None,
 ) -> None:
     """Compress a model, optionally fine-tune it, measure it against the original, and save the run."""
     session = Session(as_json=as_json, quiet=quiet, debug=debug)
+    values = dict(locals())
+    values.update(include=_split_patterns(include), exclude=_split_patterns(exclude))
 
     def go() -> dict[str, Any]:
         from compress import api
-        from compress.config import FinetuneConfig, GlobalMPConfig
+        from compress.config import FinetuneConfig, load_recipe
 
         _set_threads(threads)
-        if method not in api.method_names():
-            raise UsageError(f"unknown method {method!r}; choose one of {', '.join(api.method_names())}")
-        cfg = GlobalMPConfig(sparsity=sparsity, min_threshold=min_threshold, min_keep=min_keep,
-                             include=_split_patterns(include), exclude=_split_patterns(exclude), schedule=schedule)
-        if schedule == "gradual" and finetune_epochs < 1:
+        plan = load_recipe(str(recipe)) if recipe else {}
+        chosen = plan.get("method", method) if not _explicit(ctx, "method") else method
+        if chosen not in api.method_names():
+            raise UsageError(f"unknown method {chosen!r}; choose one of {', '.join(api.method_names())}")
+        cfg = api.METHODS[chosen].config_type.from_dict(_merge(ctx, plan.get("config"), METHOD_OPTIONS, values))
+        tune = FinetuneConfig.from_dict(_merge(ctx, plan.get("finetune"), FINETUNE_OPTIONS, values))
+        if getattr(cfg, "schedule", "oneshot") == "gradual" and tune.epochs < 1:
             raise UsageError("--schedule gradual prunes during fine-tuning; give --finetune-epochs 1 or more")
-        tune = FinetuneConfig(epochs=finetune_epochs, optimizer=optimizer, lr=lr, distill=distill)
-        source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
-                                 trust_pickle=trust_pickle)
-        options = api.RunOptions(out=_default_out("prune", out), data=data, seed=seed, force=force, latency=latency)
+        pick = {key: plan.get(key, values[key]) if not _explicit(ctx, key) else values[key]
+                for key in ("model", "data", "seed")}
+        source = api.ModelSource(spec=pick["model"], weights=str(weights) if weights else None,
+                                 num_classes=num_classes, trust_pickle=trust_pickle)
+        options = api.RunOptions(out=_default_out("prune", out), data=pick["data"], seed=pick["seed"], force=force,
+                                 latency=latency)
         with session.progress() as progress:
             return api.prune(source, cfg, options, tune, progress)
 

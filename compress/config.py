@@ -119,3 +119,25 @@ class RunConfig(ConfigBase):
     seed: int = 0
     eval_batch_size: int = 512
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPE_KEYS = ("method", "model", "data", "seed", "config", "finetune")
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    """Read a YAML recipe (the shape of recipe.resolved.yaml) and check its top-level keys."""
+    import yaml
+
+    try:
+        with open(path) as handle:
+            recipe = yaml.safe_load(handle) or {}
+    except OSError as exc:
+        raise UsageError(f"cannot read recipe {path!r} ({exc.strerror}); check the path") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"recipe {path!r} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(recipe, dict):
+        raise UsageError(f"recipe {path!r} must be a mapping with keys {', '.join(RECIPE_KEYS)}")
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        raise UsageError(f"recipe {path!r} has unknown key(s) {unknown}; allowed: {', '.join(RECIPE_KEYS)}")
+    return recipe

@@ -36,6 +36,7 @@ class Result:
     summary: dict[str, Any] = field(default_factory=dict)
     step_hook: Callable[[int, int], None] | None = None  # for schedules that prune during fine-tuning
     refresh: Callable[[], Result] | None = None  # recompute stats after fine-tuning changed the masks
+    transforms: list[dict[str, Any]] = field(default_factory=list)  # structural edits, replayed from arch.json
 
 
 ApplyFn = Callable[[nn.Module, Any, Context], Result]

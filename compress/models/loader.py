@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,40 @@ def baseline_paths(name: str) -> tuple[Path, Path]:
     return BASELINES_DIR / f"{name}.safetensors", BASELINES_DIR / f"{name}.json"
 
 
+ArchTransform = Callable[[nn.Module, dict[str, Any]], None]
+ARCH_TRANSFORMS: dict[str, ArchTransform] = {}
+
+
+def register_transform(name: str) -> Callable[[ArchTransform], ArchTransform]:
+    """Decorator: a structural edit (e.g. a layer replaced by a decomposition) that arch.json can replay.
+
+    A method that changes a model's structure records `{"type": name, ...}` in `Result.transforms`; loading the
+    artifact rebuilds the base architecture, replays the edits with random weights, then loads the weights.
+    """
+
+    def wrap(fn: ArchTransform) -> ArchTransform:
+        ARCH_TRANSFORMS[name] = fn
+        return fn
+
+    return wrap
+
+
 def build_from_arch(arch: dict[str, Any]) -> nn.Module:
-    """Instantiate an architecture from its arch.json description (random weights)."""
+    """Instantiate an architecture from its arch.json description (random weights), replaying its transforms."""
+    model = _build_base(arch)
+    for edit in arch.get("transforms", []):
+        if edit.get("type") not in ARCH_TRANSFORMS:
+            import compress.methods  # noqa: F401 - methods register their transforms on import
+
+        if edit.get("type") not in ARCH_TRANSFORMS:
+            raise UsageError(f"arch.json has an unknown transform {edit.get('type')!r}; this compress version "
+                             f"knows {sorted(ARCH_TRANSFORMS)}: upgrade compress")
+        ARCH_TRANSFORMS[edit["type"]](model, edit)
+    return model
+
+
+def _build_base(arch: dict[str, Any]) -> nn.Module:
+    """The architecture before any transform."""
     kind, kwargs = arch.get("kind"), dict(arch.get("kwargs", {}))
     if kind == "builtin":
         if arch["name"] not in BUILTIN_ARCHS:
