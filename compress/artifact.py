@@ -66,7 +66,9 @@ def decode_sparse(tensors: dict[str, torch.Tensor], shapes: dict[str, list[int]]
 def sparse_bytes(model: nn.Module) -> bytes:
     """The safetensors file of `model` with the sparse encoding."""
     tensors, shapes = encode_sparse(_state(model))
-    return save_bytes(tensors, metadata={"format": FORMAT, "sparse_shapes": json.dumps(shapes, sort_keys=True)})
+    # one metadata key: safetensors keeps metadata in a hash map, so several keys come out in random order
+    header = json.dumps({"format": FORMAT, "sparse_shapes": shapes}, sort_keys=True)
+    return save_bytes(tensors, metadata={"compress": header})
 
 
 def dense_bytes(model: nn.Module) -> bytes:
@@ -79,7 +81,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     data = path.read_bytes()
     header_len = int.from_bytes(data[:8], "little")
     metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
-    shapes = json.loads(metadata.get("sparse_shapes", "{}"))
+    shapes = json.loads(metadata.get("compress", "{}")).get("sparse_shapes", {})
     return decode_sparse(load_bytes(data), shapes)
 
 
