@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from compress import artifact
+from compress import artifact, distributed
 from compress.config import ConfigBase, FinetuneConfig
 from compress.data import Splits, load_dataset
 from compress.errors import AuditError
@@ -130,7 +130,8 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     Returns the report (the dict written as report.json). Raises `AuditError` (exit 6) after writing the run
     when the result misses its target or a floor.
     """
-    run = artifact.RunDir(options.out, force=options.force, inputs=_input_paths(source))
+    run = artifact.RunDir(options.out, force=options.force, inputs=_input_paths(source),
+                          writer=distributed.current().is_main)
     seed_everything(options.seed)
     loaded = source.load()
     splits = load_data_for(loaded, options.data, options.seed)
@@ -159,7 +160,7 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     report["layers"] = result.layers
     report["tasks"] = {"classification": _task_row(before, after_compression, after_finetune)}
     report["timings"] = {"compress_seconds": round(prune_seconds, 4)}
-    if options.latency:
+    if options.latency and distributed.current().is_main:
         report["latency"] = [measure_latency_pair(model.cpu(), original.cpu(), example.cpu(), batch=1,
                                                   threads=options.latency_threads, runs=options.latency_runs).to_dict()]
     problems = audit(result)
@@ -210,7 +211,8 @@ def _write_reports(run: artifact.RunDir, report: dict[str, Any], method_cfg: Con
 def finetune(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, teacher: ModelSource | None = None,
              progress: Progress | None = None) -> dict[str, Any]:
     """Fine-tune a compress run directory (or any model), keeping its pruned weights at zero."""
-    run = artifact.RunDir(options.out, force=options.force, inputs=_input_paths(source))
+    run = artifact.RunDir(options.out, force=options.force, inputs=_input_paths(source),
+                          writer=distributed.current().is_main)
     seed_everything(options.seed)
     loaded = source.load()
     splits = load_data_for(loaded, options.data, options.seed)
@@ -238,7 +240,7 @@ def finetune(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, teac
 def train_model(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, *, install_baseline: bool = False,
                 progress: Progress | None = None) -> dict[str, Any]:
     """Train a model from scratch (random init) and save it as a run; optionally as the shipped baseline."""
-    run = artifact.RunDir(options.out, force=options.force)
+    run = artifact.RunDir(options.out, force=options.force, writer=distributed.current().is_main)
     seed_everything(options.seed)
     loaded = source.load()
     splits = load_data_for(loaded, options.data, options.seed)

@@ -116,8 +116,8 @@ class RunDir:
     (the fine-tuning checkpoint). An existing `out` is refused unless `force`.
     """
 
-    def __init__(self, out: Path, *, force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
-        self.out = out.resolve()
+    def __init__(self, out: Path, *, force: bool = False, inputs: tuple[Path, ...] = (), writer: bool = True) -> None:
+        self.out, self.writer = out.resolve(), writer  # under torchrun only rank 0 writes
         for source in inputs:
             if source.exists() and source.resolve() == self.out:
                 raise UsageError(f"--out {out} is the input model; choose a new directory (inputs are never "
@@ -125,17 +125,21 @@ class RunDir:
         if self.out.exists() and not force:
             raise UsageError(f"--out {out} already exists; choose another directory or pass --force")
         self.partial = self.out.with_name(self.out.name + ".partial")
-        self.partial.mkdir(parents=True, exist_ok=True)
+        if writer:
+            self.partial.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
         return self.partial / name
 
     def write(self, name: str, data: bytes | str) -> Path:
-        write_atomic(self.partial / name, data)
+        if self.writer:
+            write_atomic(self.partial / name, data)
         return self.out / name
 
     def commit(self) -> Path:
         """Move the finished directory into place (replacing an old one only now, when --force was given)."""
+        if not self.writer:
+            return self.out
         if self.out.exists():
             old = self.out.with_name(self.out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)

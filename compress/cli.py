@@ -91,7 +91,9 @@ class Session:
             raise typer.Exit(1) from None
 
     def emit(self, report: dict[str, Any]) -> None:
-        """The report as JSON or as tables."""
+        """The report as JSON or as tables (once: under torchrun only rank 0 prints)."""
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
         if self.as_json:
             sys.stdout.write(json.dumps(report, default=str) + "\n")
         elif not self.quiet:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from compress import distributed
 from compress.config import FinetuneConfig
 from compress.data import Batches, Splits, TensorSplit
 
@@ -38,8 +39,10 @@ class TrainLog:
 
 
 def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when present (this rank's GPU under torchrun), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", distributed.current().local_rank)
+    return torch.device("cpu")
 
 
 @torch.inference_mode()
@@ -116,15 +119,23 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
     Masks (parameter name -> 0/1 tensor) are re-applied after every optimiser step; `step_hook(step, total)`
     runs before each step (gradual pruning updates `masks` in place there). With `teacher`, the loss mixes in
     distillation. With `checkpoint`, state is saved after every epoch and a later call resumes from it; the
-    file is removed when training completes.
+    file is removed when training completes. Under torchrun the model is wrapped in DistributedDataParallel,
+    each rank takes its shard of every epoch, and rank 0 writes the checkpoint.
     """
     device = device or default_device()
     masks = masks if masks is not None else {}
+    rank = distributed.current()
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
     torch.manual_seed(seed)
-    batches = Batches(splits.train, cfg.batch_size, shuffle=True, seed=seed, augment=cfg.augment)
+    distributed.check_same_on_all_ranks(masks, "pruning masks")
+    forward = model
+    if rank.world > 1:
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+    batches = Batches(splits.train, cfg.batch_size, shuffle=True, seed=seed, augment=cfg.augment,
+                      shard=(rank.rank, rank.world))
     total_steps = cfg.epochs * len(batches)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total_steps, cfg.warmup_steps))
@@ -145,7 +156,7 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)
-            loss = _loss(model(x), y, cfg, teacher_logits)
+            loss = _loss(forward(x), y, cfg, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -156,12 +167,14 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
                 progress(f"epoch {epoch + 1}/{cfg.epochs}", i + 1, len(batches))
         log.epoch_losses.append(running / max(seen, 1))
         log.epochs = epoch + 1
-        if checkpoint is not None:
+        if checkpoint is not None and rank.is_main:
             _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "masks": masks,
                           "losses": log.epoch_losses}, checkpoint)
+        distributed.barrier()
     model.eval()
-    if checkpoint is not None and checkpoint.exists():
+    distributed.check_same_on_all_ranks(masks, "pruning masks after fine-tuning")
+    if checkpoint is not None and checkpoint.exists() and rank.is_main:
         checkpoint.unlink()
     return log
 
