@@ -115,10 +115,11 @@ def audit(result: Result) -> list[str]:
 
 
 def _finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, result: Result, teacher: nn.Module | None,
-              seed: int, run: artifact.RunDir, progress: Progress | None) -> dict[str, Any]:
+              seed: int, run: artifact.RunDir, progress: Progress | None, run_key: str) -> dict[str, Any]:
     """Fine-tune with masks kept, checkpointing into the partial run directory so a rerun resumes."""
     log = train(model, splits, cfg, masks=result.masks, teacher=teacher if cfg.distill else None,
-                step_hook=result.step_hook, seed=seed, checkpoint=run.path(CHECKPOINT_FILE), progress=progress)
+                step_hook=result.step_hook, seed=seed, checkpoint=run.path(CHECKPOINT_FILE), run_key=run_key,
+                progress=progress)
     return {"config": cfg.to_dict(), "epochs": log.epochs, "resumed_from_epoch": log.resumed_from_epoch,
             "epoch_losses": [round(v, 5) for v in log.epoch_losses]}
 
@@ -148,8 +149,9 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     report: dict[str, Any] = {}
     after_finetune = None
     if finetune_cfg is not None and finetune_cfg.epochs > 0:
+        key = _run_key(source, method_cfg, finetune_cfg, options, splits)
         report["finetune"] = _finetune(model, splits, finetune_cfg, result=result, teacher=original,
-                                       seed=options.seed, run=run, progress=progress)
+                                       seed=options.seed, run=run, progress=progress, run_key=key)
         after_finetune = evaluate(model, splits.test)
         if result.refresh is not None:
             result = result.refresh()
@@ -178,6 +180,15 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
                                                                        if len(problems) > 1 else "")
                          + f"; see {options.out / 'report.md'}")
     return report
+
+
+def _run_key(source: ModelSource, method_cfg: ConfigBase | None, finetune_cfg: FinetuneConfig,
+             options: RunOptions, splits: Splits) -> str:
+    """What a resumable checkpoint must agree on: model, method, fine-tuning, seed and data."""
+    settings = {"source": [source.spec, source.weights, source.num_classes], "seed": options.seed,
+                "method": method_cfg.to_dict() if method_cfg else None, "finetune": finetune_cfg.to_dict(),
+                "data": splits.fingerprint}
+    return artifact.sha256_bytes(artifact.to_json(settings).encode())
 
 
 def _input_paths(source: ModelSource) -> tuple[Path, ...]:
@@ -223,8 +234,9 @@ def finetune(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, teac
     teacher_model = teacher.load().model if teacher is not None else None
     before = evaluate(model, splits.test)
     result = Result(model, masks)
+    key = _run_key(source, None, cfg, options, splits)
     report: dict[str, Any] = {"finetune": _finetune(model, splits, cfg, result=result, teacher=teacher_model,
-                                                    seed=options.seed, run=run, progress=progress)}
+                                                    seed=options.seed, run=run, progress=progress, run_key=key)}
     after = evaluate(model, splits.test)
     report.update(_base_report(options, "finetune", cfg, loaded))
     report["model"].update(before=describe_model(original, example), after=describe_model(model.cpu(), example))
@@ -245,7 +257,8 @@ def train_model(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, *
     loaded = source.load()
     splits = load_data_for(loaded, options.data, options.seed)
     model = loaded.model.to(default_device())
-    log = train(model, splits, cfg, seed=options.seed, checkpoint=run.path(CHECKPOINT_FILE), progress=progress)
+    log = train(model, splits, cfg, seed=options.seed, checkpoint=run.path(CHECKPOINT_FILE),
+                run_key=_run_key(source, None, cfg, options, splits), progress=progress)
     test = evaluate(model, splits.test)
     calibration = evaluate(model, splits.calibration)
     report = _base_report(options, "train", cfg, loaded)

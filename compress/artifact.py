@@ -31,16 +31,24 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns as integers of the same width."""
+    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
+
+
 def encode_sparse(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """Replace each tensor whose bitmask + nonzeros is smaller than it by that pair; returns tensors, shapes."""
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for name, tensor in state.items():
         n = tensor.numel()
-        nonzero = tensor != 0
-        nnz = int(nonzero.sum()) if tensor.is_floating_point() else n
+        if not tensor.is_floating_point():
+            tensors[name] = tensor
+            continue
+        nonzero = _bits(tensor) != 0  # bit pattern, so -0.0 is kept as a value and decoding is bit-exact
+        nnz = int(nonzero.sum())
         encoded_bytes = (n + 7) // 8 + nnz * tensor.element_size()
-        if not tensor.is_floating_point() or encoded_bytes >= n * tensor.element_size():
+        if encoded_bytes >= n * tensor.element_size():
             tensors[name] = tensor
             continue
         bits = np.packbits(nonzero.flatten().numpy())
@@ -125,15 +133,16 @@ class RunDir:
         if self.out.exists() and not force:
             raise UsageError(f"--out {out} already exists; choose another directory or pass --force")
         self.partial = self.out.with_name(self.out.name + ".partial")
-        if writer:
-            self.partial.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
+        """A path inside the partial directory (created on first use, so early errors leave nothing behind)."""
+        if self.writer:
+            self.partial.mkdir(parents=True, exist_ok=True)
         return self.partial / name
 
     def write(self, name: str, data: bytes | str) -> Path:
         if self.writer:
-            write_atomic(self.partial / name, data)
+            write_atomic(self.path(name), data)
         return self.out / name
 
     def commit(self) -> Path:
@@ -175,7 +184,7 @@ def load_artifact(directory: Path, *, trust_pickle: bool = False):  # -> LoadedM
     arch = json.loads((directory / ARCH_FILE).read_text())
     manifest_path = directory / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    model = build_from_arch(arch)
+    model = build_from_arch(arch, trust_pickle=trust_pickle)
     state = read_weights(directory / WEIGHTS_FILE)
     model.load_state_dict(state, strict=True)
     return LoadedModel(model.eval(), arch, str(directory), manifest.get("dataset"), manifest)

@@ -141,3 +141,60 @@ def load_recipe(path: str) -> dict[str, Any]:
     if unknown:
         raise UsageError(f"recipe {path!r} has unknown key(s) {unknown}; allowed: {', '.join(RECIPE_KEYS)}")
     return recipe
+
+
+def _check_budget(keep: float, macs_keep: float | None) -> None:
+    """The keep ratio (of all parameters) and the optional MACs keep ratio lie in (0, 1]."""
+    _check_range("keep", keep, 0.0, 1.0, low_open=True)
+    if macs_keep is not None:
+        _check_range("macs_keep", macs_keep, 0.0, 1.0, low_open=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ALDSConfig(ConfigBase):
+    """ALDS (Liebenwein et al. 2021): per-layer rank j and channel groups k minimising the worst relative error.
+
+    The budget is `keep` x all parameters of the network, or `macs_keep` x its MACs when that is given (then
+    `keep` is not used). The seeded k search uses the run's seed.
+    """
+
+    keep: float = 0.5            # fraction of ALL parameters kept (norms, biases, untouched layers included)
+    macs_keep: float | None = None  # when given: the budget is this fraction of MACs instead of parameters
+    groups: tuple[int, ...] = ()   # candidate k per layer (used where k divides the input channels); empty: all
+    seeds: int = 15              # starting points of the k search: k nearest 3, 5, 7, 9, then random divisors
+    rounds: int = 4              # k re-assignment rounds per seed
+    include: tuple[str, ...] = ()  # module-name patterns to decompose; empty: every Conv2d/Linear
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_budget(self.keep, self.macs_keep)
+        for k in self.groups:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise UsageError(f"groups = {list(self.groups)} must hold integers >= 1 (candidate channel groups k)")
+        if self.seeds < 1:
+            raise UsageError(f"seeds = {self.seeds} must be >= 1")
+        if self.rounds < 0:
+            raise UsageError(f"rounds = {self.rounds} must be >= 0")
+        validate_patterns(self.include, "--include")
+        validate_patterns(self.exclude, "--exclude")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SVDConfig(ConfigBase):
+    """Truncated SVD baseline (k = 1): one relative rank for every layer, chosen to meet the budget."""
+
+    keep: float = 0.5
+    macs_keep: float | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_budget(self.keep, self.macs_keep)
+        validate_patterns(self.include, "--include")
+        validate_patterns(self.exclude, "--exclude")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SVDEnergyConfig(SVDConfig):
+    """Truncated SVD baseline (k = 1): each layer keeps the smallest rank holding a common fraction of its
+    Frobenius energy, that fraction chosen to meet the budget."""

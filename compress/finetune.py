@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from compress import distributed
 from compress.config import FinetuneConfig
+from compress.errors import UsageError
 from compress.data import Batches, Splits, TensorSplit
 
 Masks = dict[str, torch.Tensor]
@@ -70,7 +71,7 @@ def apply_masks(model: nn.Module, masks: Masks) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, mask in masks.items():
-            params[name].mul_(mask.to(params[name].device, params[name].dtype))
+            params[name].masked_fill_(mask.to(params[name].device) == 0, 0.0)
 
 
 def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -112,14 +113,15 @@ def _atomic_save(obj: object, path: Path) -> None:
 
 def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks | None = None,
           teacher: nn.Module | None = None, step_hook: StepHook | None = None, seed: int = 0,
-          checkpoint: Path | None = None, progress: Progress | None = None,
+          checkpoint: Path | None = None, run_key: str = "", progress: Progress | None = None,
           device: torch.device | None = None) -> TrainLog:
     """Train `model` on `splits.train` for `cfg.epochs` epochs.
 
     Masks (parameter name -> 0/1 tensor) are re-applied after every optimiser step; `step_hook(step, total)`
     runs before each step (gradual pruning updates `masks` in place there). With `teacher`, the loss mixes in
     distillation. With `checkpoint`, state is saved after every epoch and a later call resumes from it; the
-    file is removed when training completes. Under torchrun the model is wrapped in DistributedDataParallel,
+    file is removed when training completes; `run_key` names the settings, and a checkpoint made with other
+    settings is refused rather than resumed. Under torchrun the model is wrapped in DistributedDataParallel,
     each rank takes its shard of every epoch, and rank 0 writes the checkpoint.
     """
     device = device or default_device()
@@ -141,7 +143,7 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total_steps, cfg.warmup_steps))
     log, start_epoch = TrainLog(), 0
     if checkpoint is not None and checkpoint.exists():
-        start_epoch = _resume(checkpoint, model, optimizer, scheduler, masks, log)
+        start_epoch = _resume(checkpoint, run_key, model, optimizer, scheduler, masks, log)
         batches.epoch = start_epoch
     apply_masks(model, masks)
     for epoch in range(start_epoch, cfg.epochs):
@@ -170,7 +172,7 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
         if checkpoint is not None and rank.is_main:
             _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "masks": masks,
-                          "losses": log.epoch_losses}, checkpoint)
+                          "losses": log.epoch_losses, "run_key": run_key}, checkpoint)
         distributed.barrier()
     model.eval()
     distributed.check_same_on_all_ranks(masks, "pruning masks after fine-tuning")
@@ -179,10 +181,13 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
     return log
 
 
-def _resume(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+def _resume(checkpoint: Path, run_key: str, model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: torch.optim.lr_scheduler.LRScheduler, masks: Masks, log: TrainLog) -> int:
     """Restore state saved by `train` (weights-only load); returns the epoch to continue from."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state.get("run_key", "") != run_key:
+        raise UsageError(f"{checkpoint.parent} holds an interrupted run with other settings; rerun those settings "
+                         f"to resume it, or delete {checkpoint.parent} to start afresh")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

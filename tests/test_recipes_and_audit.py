@@ -84,3 +84,9 @@ def test_missing_fashion_mnist_says_what_to_install(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
         datasets.fashion_mnist()
+
+
+def test_an_early_error_leaves_no_partial_directory(tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    assert _prune(out, "--sparsity", "0.99", "--min-keep", "0.5").exit_code == 2
+    assert not out.exists() and not out.with_name("never.partial").exists()

@@ -64,7 +64,7 @@ def check_feasible(sizes: list[int], floors: list[int], sparsity: float) -> int:
     total = sum(sizes)
     to_prune = int(round(sparsity * total))
     if sum(floors) > total - to_prune:
-        largest = 1.0 - sum(floors) / total
+        largest = math.floor((1.0 - sum(floors) / total) * 1e6) / 1e6  # rounded down, so it is reachable
         raise UsageError(f"sparsity {sparsity} is unreachable with these floors: they keep {sum(floors)} of "
                          f"{total} weights, so the largest reachable sparsity is {largest:.6f}; lower "
                          "--sparsity or --min-threshold/--min-keep")
@@ -117,7 +117,7 @@ def apply_masks_to(layers: list[PrunableLayer], masks: Masks) -> None:
     """Zero the pruned weights in place."""
     with torch.no_grad():
         for layer in layers:
-            layer.weight.mul_(masks[layer.param_name])
+            layer.weight.masked_fill_(masks[layer.param_name] == 0, 0.0)  # +0.0, where mul_ would give -0.0
 
 
 def layer_stats(layers: list[PrunableLayer], cfg: GlobalMPConfig, masks: Masks) -> list[dict]:

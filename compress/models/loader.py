@@ -54,9 +54,9 @@ def register_transform(name: str) -> Callable[[ArchTransform], ArchTransform]:
     return wrap
 
 
-def build_from_arch(arch: dict[str, Any]) -> nn.Module:
+def build_from_arch(arch: dict[str, Any], *, trust_pickle: bool = False) -> nn.Module:
     """Instantiate an architecture from its arch.json description (random weights), replaying its transforms."""
-    model = _build_base(arch)
+    model = _build_base(arch, trust_pickle)
     for edit in arch.get("transforms", []):
         if edit.get("type") not in ARCH_TRANSFORMS:
             import compress.methods  # noqa: F401 - methods register their transforms on import
@@ -68,9 +68,14 @@ def build_from_arch(arch: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _build_base(arch: dict[str, Any]) -> nn.Module:
+def _build_base(arch: dict[str, Any], trust_pickle: bool = False) -> nn.Module:
     """The architecture before any transform."""
     kind, kwargs = arch.get("kind"), dict(arch.get("kwargs", {}))
+    if kind == "pickle":  # a run made from a trusted pickled module: its architecture lives only in that pickle
+        module = _torch_load(Path(arch["path"]), trust_pickle)
+        if not isinstance(module, nn.Module):
+            raise UsageError(f"{arch['path']!r} no longer holds a pickled module; the run cannot be rebuilt")
+        return module
     if kind == "builtin":
         if arch["name"] not in BUILTIN_ARCHS:
             raise UsageError(f"unknown built-in model {arch['name']!r}; choose one of {', '.join(BUILTIN_ARCHS)}")
@@ -87,7 +92,7 @@ def _build_base(arch: dict[str, Any]) -> nn.Module:
                              "torchvision.models.list_models() for the names") from None
     if kind == "factory":
         return _call_factory(arch["target"], kwargs)
-    raise UsageError(f"arch.json has unknown kind {kind!r}; expected builtin, torchvision or factory")
+    raise UsageError(f"arch.json has unknown kind {kind!r}; expected builtin, torchvision, factory or pickle")
 
 
 def _call_factory(target: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -113,9 +118,13 @@ def load_state_file(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     if not path.is_file():
         raise UsageError(f"weights file {str(path)!r} does not exist; check the path given to --weights/--model")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from compress.artifact import read_weights
 
-        return load_file(str(path))
+        try:
+            return read_weights(path)  # plain safetensors or compress's sparse encoding
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+            raise UsageError(f"cannot read {str(path)!r} as safetensors ({type(exc).__name__}); "
+                             "check the file") from None
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
         return obj.state_dict()
@@ -133,20 +142,30 @@ def load_state_file(path: str | Path, *, trust_pickle: bool = False) -> dict[str
                      "save one with torch.save(model.state_dict(), PATH)")
 
 
+def _unreadable(path: Path, exc: Exception) -> UsageError:
+    return UsageError(f"cannot read {str(path)!r} as a PyTorch checkpoint ({type(exc).__name__}); "
+                      "give a .pt/.pth state dict or a .safetensors file")
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
     """torch.load weights-only; full unpickling only when the user trusts the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        # the weights-only unpickler refuses globals (code) it does not allow-list; anything else is a bad file
+        if "global" not in str(exc).split("WeightsUnpickler error", 1)[-1].lower():
+            raise _unreadable(path, exc) from None
         if not trust_pickle:
             raise UnsafeCheckpointError(
                 f"{str(path)!r} contains pickled code (not just weights) and was not loaded; "
                 "re-save it as a state dict or safetensors, or pass --trust-pickle if you trust its author"
             ) from None
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise UsageError(f"cannot read {str(path)!r} as a PyTorch checkpoint ({type(exc).__name__}); "
-                         "give a .pt/.pth state dict or a .safetensors file") from None
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise _unreadable(path, exc) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise _unreadable(path, exc) from None
 
 
 def _load_weights(model: nn.Module, weights: str | Path | None, trust_pickle: bool) -> None:
@@ -174,7 +193,7 @@ def load_model(spec: str | None = None, *, weights: str | Path | None = None, nu
     if path.is_dir():
         from compress.artifact import load_artifact
 
-        return load_artifact(path)
+        return load_artifact(path, trust_pickle=trust_pickle)
     if path.is_file():
         return _load_pickled_module(path, trust_pickle)
     if spec in BUILTIN_ARCHS:
