@@ -178,7 +178,7 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     if problems:
         raise AuditError(f"compression audit failed: {problems[0]}" + (f" (+{len(problems) - 1} more)"
                                                                        if len(problems) > 1 else "")
-                         + f"; see {options.out / 'report.md'}")
+                         + f"; see {options.out / 'report.md'}", report)
     return report
 
 

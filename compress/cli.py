@@ -78,17 +78,27 @@ class Session:
         except CompressError as exc:
             if self.debug:
                 raise
-            self.err.print(f"error: {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
+            report = getattr(exc, "report", None)
+            if report is not None:  # the run was written; show what it found, then fail
+                self.emit(report)
+                self.err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+                raise typer.Exit(exc.exit_code) from None
+            self.fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             self.err.print("interrupted; rerun the same command to resume from the last finished epoch")
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if self.debug:
                 raise
-            self.err.print(f"unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
-                           "and report it with the output of `compress env`)", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            self.fail(f"unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback and "
+                      "report it with the output of `compress env`)", 1, prefix="")
+
+    def fail(self, message: str, code: int, prefix: str = "error: ") -> None:
+        """One line on stderr (and, with --json, a JSON error object on stdout), then exit with `code`."""
+        self.err.print(f"{prefix}{message}", highlight=False, soft_wrap=True)
+        if self.as_json:
+            sys.stdout.write(json.dumps({"status": "error", "exit_code": code, "error": message}) + "\n")
+        raise typer.Exit(code) from None
 
     def emit(self, report: dict[str, Any]) -> None:
         """The report as JSON or as tables (once: under torchrun only rank 0 prints)."""

@@ -44,6 +44,10 @@ class UnsafeCheckpointError(CompressError):
 
 
 class AuditError(CompressError):
-    """The compression missed its target or a floor (exit 6)."""
+    """The compression missed its target or a floor (exit 6); the run was written and `report` describes it."""
 
     exit_code = 6
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -30,7 +30,9 @@ def runner() -> CliRunner:
 def assert_one_line_error(result, code: int) -> str:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
-    assert result.stdout == ""
+    if result.stdout:  # with --json, stdout carries only the error object
+        assert json.loads(result.stdout) == {"status": "error", "exit_code": code,
+                                             "error": result.stderr.strip().removeprefix("error: ")}
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ")
@@ -198,3 +200,10 @@ def test_finetune_keeps_pruned_weights_at_zero(runner, cli_run, tmp_path):
     assert not (out.with_name("tuned.partial") / "finetune.ckpt").exists()
     # the input run is untouched
     assert json.loads((pruned / "report.json").read_text())["method"] == "globalmp"
+
+
+def test_json_errors_are_json_on_stdout(tmp_path):
+    result = CliRunner().invoke(app, ["prune", "--model", "nope.nothing:here", "--json", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2
+    payload = json.loads(result.stdout)
+    assert payload["status"] == "error" and payload["exit_code"] == 2 and "nope.nothing" in payload["error"]
