@@ -20,7 +20,6 @@ $(BIN)/python:
 
 # torch==2.14.1 and torchvision==0.29.1 come from this machine's disk through pip; see README.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 

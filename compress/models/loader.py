@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +100,8 @@ def _build_base(arch: dict[str, Any], trust_pickle: bool = False) -> nn.Module:
 def _call_factory(target: str, kwargs: dict[str, Any]) -> nn.Module:
     """Import `package.module:function` and call it."""
     module_name, _, function_name = target.partition(":")
+    if os.getcwd() not in sys.path:  # like uvicorn: modules in the current directory are importable
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
