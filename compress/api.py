@@ -30,6 +30,7 @@ from compress.models.loader import baseline_paths
 from compress.report import render_markdown
 
 SCHEMA_VERSION = 1
+KEEP_TOLERANCE = 0.005  # a keep budget (fraction of parameters or MACs) is met within this fraction of itself
 CHECKPOINT_FILE = "finetune.ckpt"
 Progress = Callable[[str, int, int], None]
 
@@ -108,6 +109,12 @@ def audit(result: Result) -> list[str]:
     if "target_pruned" in summary and summary["pruned"] != summary["target_pruned"]:
         problems.append(f"pruned {summary['pruned']} weights, requested {summary['target_pruned']} "
                         f"(sparsity {summary['achieved']:.6f} vs {summary['requested']})")
+    if "keep_requested" in summary and "keep_achieved" in summary:
+        requested, achieved = summary["keep_requested"], summary["keep_achieved"]
+        if abs(achieved - requested) > KEEP_TOLERANCE * requested:
+            problems.append(f"kept {achieved:.6f} of {summary.get('keep_counted_over', 'the budget')}, requested "
+                            f"{requested} (off by more than {KEEP_TOLERANCE:.1%}; on small layers one rank step can be "
+                            "larger than that: change the keep ratio slightly)")
     for layer in result.layers:
         if layer.get("kept", 1) < layer.get("floor", 0):
             problems.append(f"layer {layer['name']} keeps {layer['kept']} weights, below its floor {layer['floor']}")
@@ -157,7 +164,10 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
             result = result.refresh()
     report.update(_base_report(options, spec.name, method_cfg, loaded))
     report["model"].update(before=describe_model(original, example), after=describe_model(model, example))
-    report["sparsity"] = {k: result.summary[k] for k in ("requested", "achieved", "counted_over") if k in result.summary}
+    if "target_pruned" in result.summary:
+        report["sparsity"] = {k: result.summary[k] for k in ("requested", "achieved", "counted_over")}
+    if "keep" in result.summary:
+        report["keep"] = result.summary["keep"]
     report["summary"] = result.summary
     report["layers"] = result.layers
     report["tasks"] = {"classification": _task_row(before, after_compression, after_finetune)}

@@ -6,6 +6,7 @@ Exit codes: 0 ok · 1 unexpected failure · 2 bad usage, config or recipe · 3 b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from typer.core import TyperCommand
 
 from compress.errors import EXIT_CODES, CompressError, UsageError
 
@@ -130,7 +132,8 @@ def _split_patterns(values: list[str] | None) -> tuple[str, ...]:
 
 
 METHOD_OPTIONS = {"sparsity": "sparsity", "min_threshold": "min_threshold", "min_keep": "min_keep",
-                  "include": "include", "exclude": "exclude", "schedule": "schedule"}
+                  "include": "include", "exclude": "exclude", "schedule": "schedule", "keep": "keep",
+                  "macs_keep": "macs_keep"}
 FINETUNE_OPTIONS = {"finetune_epochs": "epochs", "optimizer": "optimizer", "lr": "lr", "distill": "distill"}
 
 
@@ -151,11 +154,47 @@ def _merge(ctx: typer.Context, recipe_part: dict[str, Any] | None, options: dict
     return merged
 
 
-@app.command()
+def _method_config(ctx: typer.Context, chosen: str, recipe_config: dict[str, Any] | None,
+                   values: dict[str, Any]) -> Any:
+    """The chosen method's config from the recipe and the options it accepts; an option given for another
+    method's config is refused."""
+    from compress import api
+
+    config_type = api.METHODS[chosen].config_type
+    accepted = {f.name for f in dataclasses.fields(config_type)}
+    for opt, key in METHOD_OPTIONS.items():
+        if key not in accepted and _explicit(ctx, opt):
+            takes = ", ".join("--" + o.replace("_", "-") for o, k in METHOD_OPTIONS.items() if k in accepted)
+            raise UsageError(f"--{opt.replace('_', '-')} does not apply to --method {chosen}; it takes {takes}")
+    if _explicit(ctx, "keep") and _explicit(ctx, "macs_keep"):
+        raise UsageError("give --keep (a parameter budget) or --macs-keep (a MACs budget), not both")
+    merged = _merge(ctx, recipe_config, METHOD_OPTIONS, values)
+    # recipe keys stay, so that a wrong one is reported by the config; unused CLI defaults go
+    merged = {k: v for k, v in merged.items() if k in accepted or k in (recipe_config or {})}
+    return config_type.from_dict(merged)
+
+
+class _PruneCommand(TyperCommand):
+    """`prune` whose --method help lists the registry, imported only when help is shown."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from compress.api import method_names
+
+        for param in self.params:
+            if param.name == "method":
+                param.help = f"Compression method: {', '.join(method_names())}."
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_PruneCommand)
 def prune(
     ctx: typer.Context,
-    method: Annotated[str, typer.Option(help="Compression method: globalmp.")] = "globalmp",
+    method: Annotated[str, typer.Option(help="Compression method.")] = "globalmp",
     sparsity: Annotated[float, typer.Option(help="Fraction of conv/linear weights to prune.")] = 0.9,
+    keep: Annotated[float, typer.Option(help="Low-rank methods (alds, svd, svd-energy): fraction of all "
+                                        "parameters to keep.")] = 0.5,
+    macs_keep: Annotated[float | None, typer.Option(help="Low-rank methods: fraction of MACs to keep instead of "
+                                                    "--keep.")] = None,
     min_threshold: Annotated[float, typer.Option(help="Floor: percent of all prunable weights every layer keeps "
                                                  "(the paper's MT, e.g. 0.05).")] = 0.0,
     min_keep: Annotated[float, typer.Option(help="Floor: fraction of its own weights every layer keeps.")] = 0.0,
@@ -187,7 +226,7 @@ def prune(
         chosen = plan.get("method", method) if not _explicit(ctx, "method") else method
         if chosen not in api.method_names():
             raise UsageError(f"unknown method {chosen!r}; choose one of {', '.join(api.method_names())}")
-        cfg = api.METHODS[chosen].config_type.from_dict(_merge(ctx, plan.get("config"), METHOD_OPTIONS, values))
+        cfg = _method_config(ctx, chosen, plan.get("config"), values)
         tune = FinetuneConfig.from_dict(_merge(ctx, plan.get("finetune"), FINETUNE_OPTIONS, values))
         if getattr(cfg, "schedule", "oneshot") == "gradual" and tune.epochs < 1:
             raise UsageError("--schedule gradual prunes during fine-tuning; give --finetune-epochs 1 or more")

@@ -1,0 +1,682 @@
+"""ALDS: automatic layer-wise decomposition selector (Liebenwein et al., NeurIPS 2021), and two SVD baselines.
+
+Each Conv2d/Linear layer W (f x c x kernel) may become a grouped encoder (k groups of input channels, rank j in
+each) followed by a 1x1 decoder that carries the original bias (METHODS.md §3). The error of a layer is the
+Eckart-Young-Mirsky bound eps(k, j) = max_i sigma_{j+1}(group i) / ||fold(W)||_2. One common error level eps*
+is chosen so that the whole network meets its budget, which minimises the worst layer's error for the k's in
+use; the k's come from a seeded search. Baselines with k = 1: `svd` (one relative rank for all layers) and
+`svd-energy` (one fraction of Frobenius energy kept in every layer), under the same budget.
+
+Spectra come from the eigenvalues of Gram matrices (M M^T or M^T M, whichever is smaller): float32 while
+searching over k, float64 for the final allocation and the decomposition, where the reconstruction is the exact
+projection onto the top-j singular subspace of each group.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig, matches
+from compress.errors import UsageError
+from compress.measure import count_macs
+from compress.methods.base import Context, Result, register
+from compress.models.loader import register_transform
+
+KEEP_TOLERANCE = 0.005          # the budget is met within this fraction of itself
+FIXED_K_SEEDS = (3, 5, 7, 9)    # the first seeds of the k search: per layer, the divisor of c nearest to these
+GRAM_FINE_LIMIT = 1 << 24       # elements of the finest-level Gram stack reused for coarser k (else per k)
+TRANSFORM = "lowrank"
+
+
+# ------------------------------------------------------------------------------------------------- modules
+
+
+class GroupedLinear(nn.Module):
+    """y = concat_i(W_i x_i): the input features split into `groups` equal parts, each with its own weight.
+
+    The weight is stored like a grouped convolution's, (out_features, in_features // groups); the forward pass
+    is one broadcast matmul, which exports to ONNX as MatMul.
+    """
+
+    def __init__(self, in_features: int, out_features: int, groups: int, *, device: Any = None,
+                 dtype: Any = None) -> None:
+        super().__init__()
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups {groups} must divide in_features {in_features} and out_features {out_features}")
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // groups, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        parts = x.unflatten(-1, (g, self.in_features // g)).unsqueeze(-2)          # (..., g, 1, c/g)
+        weight = self.weight.view(g, self.out_features // g, -1).transpose(1, 2)  # (g, c/g, j)
+        return torch.matmul(parts, weight).flatten(-3)                            # (..., g*j)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, groups={self.groups}"
+
+
+class LowRank(nn.Sequential):
+    """A layer replaced by its decomposition: `encoder` (grouped, rank j per group) then `decoder` (1x1)."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
+        super().__init__(OrderedDict(encoder=encoder, decoder=decoder))
+
+
+def build_lowrank(module: nn.Module, groups: int, rank: int) -> LowRank:
+    """The two-module structure replacing `module` with k = `groups` and rank j = `rank` (fresh weights)."""
+    k, j = groups, rank
+    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    bias = module.bias is not None
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise UsageError(f"cannot decompose grouped convolution with groups={module.groups}")
+        if module.in_channels % k:
+            raise UsageError(f"groups {k} must divide in_channels {module.in_channels}")
+        encoder = nn.Conv2d(module.in_channels, k * j, module.kernel_size, stride=module.stride,
+                            padding=module.padding, dilation=module.dilation, groups=k, bias=False,
+                            padding_mode=module.padding_mode, **factory)
+        decoder = nn.Conv2d(k * j, module.out_channels, 1, bias=bias, **factory)
+    elif isinstance(module, nn.Linear):
+        if module.in_features % k:
+            raise UsageError(f"groups {k} must divide in_features {module.in_features}")
+        encoder = nn.Linear(module.in_features, j, bias=False, **factory) if k == 1 else \
+            GroupedLinear(module.in_features, k * j, k, **factory)
+        decoder = nn.Linear(k * j, module.out_features, bias=bias, **factory)
+    else:
+        raise UsageError(f"low-rank decomposition supports Conv2d and Linear, not {type(module).__name__}")
+    return LowRank(encoder, decoder)
+
+
+@register_transform(TRANSFORM)
+def replay_lowrank(model: nn.Module, edit: dict[str, Any]) -> None:
+    """arch.json replay: replace module `edit["layer"]` by its low-rank structure (random weights)."""
+    name = edit["layer"]
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise UsageError(f"arch.json decomposes layer {name!r}, which this architecture does not have; the "
+                         "run directory does not match its base model") from None
+    model.set_submodule(name, build_lowrank(module, int(edit["groups"]), int(edit["rank"])))
+
+
+# ------------------------------------------------------------------------------------------------- spectra
+
+
+def fold(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """(f, c, *kernel) -> (k, f, (c/k)*prod(kernel)): group i holds input channels [i c/k, (i+1) c/k)."""
+    f = weight.shape[0]
+    return weight.reshape(f, groups, -1).transpose(0, 1)
+
+
+def _gram(blocks: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The smaller Gram matrix of each block, and whether it is the left one (M M^T)."""
+    f, m = blocks.shape[-2:]
+    if f <= m:
+        return blocks @ blocks.transpose(-1, -2), True
+    return blocks.transpose(-1, -2) @ blocks, False
+
+
+def _descending(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending) from ascending Gram eigenvalues."""
+    return eigenvalues.flip(-1).clamp_min(0.0).sqrt()
+
+
+def group_singular_values(weight: torch.Tensor, ks: list[int],
+                          dtype: torch.dtype = torch.float32) -> dict[int, np.ndarray]:
+    """Per-group singular values for each k: {k: array (k, r_k)}, descending, with r_k = min(f, c*kappa/k).
+
+    Left Gram matrices (f x f) of the coarser k are sums of those of the finest such k, so the expensive
+    products are formed once per layer rather than once per k.
+    """
+    w = weight.detach().to("cpu", dtype)
+    f, c = w.shape[0], w.shape[1]
+    cols = w[0].numel()
+    out: dict[int, np.ndarray] = {}
+    left = [k for k in ks if f <= cols // k]
+    if len(left) > 1:
+        finest = math.lcm(*left)
+        if finest * f * f <= GRAM_FINE_LIMIT and c % finest == 0:
+            blocks = fold(w, finest)
+            fine = blocks @ blocks.transpose(-1, -2)
+            for k in left:
+                gram = fine.view(k, finest // k, f, f).sum(1)
+                out[k] = _descending(torch.linalg.eigvalsh(gram)).double().numpy()
+    for k in ks:
+        if k not in out:
+            gram, _ = _gram(fold(w, k))
+            out[k] = _descending(torch.linalg.eigvalsh(gram)).double().numpy()
+    return out
+
+
+def spectral_norm(matrix: torch.Tensor) -> float:
+    """||A||_2 of a float64 matrix from the largest eigenvalue of its smaller Gram matrix."""
+    gram, _ = _gram(matrix)
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt())
+
+
+@dataclass
+class Factors:
+    """A layer's exact per-group decomposition for one k (float64): sigma (k, r), and the top singular subspace."""
+
+    k: int
+    sigma: np.ndarray
+    vectors: torch.Tensor     # (k, g, r) eigenvectors of the Gram matrix, descending
+    left: bool                # vectors are left singular vectors (else right)
+    norm: float = 0.0         # ||fold(W)||_2 with k = 1
+
+
+def exact_factors(weight: torch.Tensor, k: int) -> Factors:
+    """float64 per-group spectrum and singular vectors of fold(W) with k groups."""
+    blocks = fold(weight.detach().to("cpu", torch.float64), k)
+    gram, left = _gram(blocks)
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    sigma = _descending(eigenvalues).numpy()
+    if k == 1:
+        norm = float(sigma[0, 0]) if sigma.size else 0.0
+    else:
+        norm = spectral_norm(blocks.transpose(0, 1).reshape(blocks.shape[1], -1))
+    return Factors(k, sigma, vectors.flip(-1), left, norm)
+
+
+def lowrank_weights(weight: torch.Tensor, factors: Factors, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors D_i = U_j sqrt(S_j) (k, f, j) and E_i = sqrt(S_j) V_j^T (k, j, m), in float64.
+
+    D_i E_i is the projection of group i onto its top-j singular subspace (its best rank-j approximation);
+    directions whose singular value vanishes contribute nothing and are left at zero.
+    """
+    blocks = fold(weight.detach().to("cpu", torch.float64), factors.k)
+    vectors = factors.vectors[..., :rank]
+    sigma = torch.from_numpy(np.ascontiguousarray(factors.sigma[:, :rank]))
+    floor = max(float(factors.sigma.max(initial=0.0)), 1e-300) * 1e-12
+    alive = sigma > floor
+    root = sigma.sqrt()
+    inverse_root = torch.where(alive, 1.0 / torch.where(alive, root, torch.ones_like(root)), torch.zeros_like(root))
+    if factors.left:   # vectors = U_j: D = U sqrt(S), E = S^{-1/2} U^T M
+        decoder = vectors * torch.where(alive, root, torch.zeros_like(root)).unsqueeze(-2)
+        encoder = inverse_root.unsqueeze(-1) * (vectors.transpose(-1, -2) @ blocks)
+    else:              # vectors = V_j: D = M V S^{-1/2}, E = sqrt(S) V^T
+        decoder = (blocks @ vectors) * inverse_root.unsqueeze(-2)
+        encoder = torch.where(alive, root, torch.zeros_like(root)).unsqueeze(-1) * vectors.transpose(-1, -2)
+    return decoder, encoder
+
+
+def load_lowrank(target: LowRank, module: nn.Module, decoder: torch.Tensor, encoder: torch.Tensor) -> None:
+    """Write the (k, f, j) decoder and (k, j, m) encoder factors and the original bias into `target`."""
+    k, f, j = decoder.shape
+    enc, dec = target.encoder, target.decoder
+    with torch.no_grad():
+        enc.weight.copy_(encoder.reshape(enc.weight.shape).to(enc.weight.dtype))
+        dec.weight.copy_(decoder.permute(1, 0, 2).reshape(f, k * j).reshape(dec.weight.shape).to(dec.weight.dtype))
+        if module.bias is not None:
+            dec.bias.copy_(module.bias.detach())
+
+
+def reconstructed(target: LowRank, groups: int) -> torch.Tensor:
+    """The effective weight of a LowRank module, folded like the original with k = 1: (f, c*kappa), float64."""
+    enc = target.encoder.weight.detach().to("cpu", torch.float64)
+    dec = target.decoder.weight.detach().to("cpu", torch.float64)
+    f = dec.shape[0]
+    j = dec.shape[1] // groups
+    d = dec.reshape(f, groups, j).transpose(0, 1)          # (k, f, j)
+    e = enc.reshape(groups, j, -1)                          # (k, j, m)
+    return (d @ e).transpose(0, 1).reshape(f, -1)          # (f, k*m)
+
+
+# ------------------------------------------------------------------------------------------------- layers
+
+
+@dataclass
+class Candidate:
+    """A Conv2d/Linear layer that may be decomposed."""
+
+    name: str
+    module: nn.Module
+    f: int
+    c: int
+    kernel: int            # prod(kernel size); 1 for Linear
+    positions: int = 0     # outputs per output channel for one input item (MACs = positions * weights)
+    ks: list[int] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def dense(self) -> int:
+        return self.f * self.c * self.kernel
+
+    @property
+    def bias(self) -> int:
+        return self.module.bias.numel() if self.module.bias is not None else 0
+
+    def max_rank(self, k: int) -> int:
+        return min(self.f, self.c * self.kernel // k)
+
+    def per_rank(self, k: int) -> int:
+        """Weights per unit of rank: k*f (decoder) + c*kappa (encoder)."""
+        return k * self.f + self.c * self.kernel
+
+    def weights_at(self, k: int, rank: int) -> int:
+        """Weights (bias excluded) at rank j: the decomposition's, or the dense layer's when that is smaller."""
+        return min(self.dense, rank * self.per_rank(k))
+
+    def decomposes(self, k: int, rank: int) -> bool:
+        return rank * self.per_rank(k) < self.dense
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def find_candidates(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...],
+                    groups: tuple[int, ...] = ()) -> tuple[list[Candidate], list[dict[str, str]]]:
+    """Conv2d (groups = 1) and Linear layers selected by the patterns; grouped convolutions are listed as skipped."""
+    found, skipped = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d | nn.Linear):
+            continue
+        if include and not any(matches(name, p) for p in include):
+            continue
+        if any(matches(name, p) for p in exclude):
+            continue
+        if isinstance(module, nn.Conv2d):
+            if module.groups != 1:
+                skipped.append({"name": name, "reason": f"grouped convolution (groups={module.groups})"})
+                continue
+            cand = Candidate(name, module, module.out_channels, module.in_channels, int(np.prod(module.kernel_size)))
+        else:
+            cand = Candidate(name, module, module.out_features, module.in_features, 1)
+        allowed = set(groups) | {1} if groups else None
+        cand.ks = [k for k in divisors(cand.c) if allowed is None or k in allowed]
+        found.append(cand)
+    if not found:
+        raise UsageError("no Conv2d/Linear layers to decompose match --include/--exclude; loosen the patterns")
+    return found, skipped
+
+
+@torch.no_grad()
+def record_positions(model: nn.Module, candidates: list[Candidate], example: torch.Tensor) -> None:
+    """Outputs per output channel of each candidate for one input item (a layer called twice counts twice)."""
+    by_module = {id(c.module): c for c in candidates}
+    for cand in candidates:
+        cand.positions = 0
+
+    def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        cand = by_module[id(module)]
+        cand.positions += output.numel() // cand.f
+
+    handles = [c.module.register_forward_hook(hook) for c in candidates]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example[:1])
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
+# ------------------------------------------------------------------------------------------------- allocation
+
+
+@dataclass
+class Curve:
+    """One layer's error for one k at every rank: err[j] for j = 0..r, non-increasing, err[r] = 0."""
+
+    k: int
+    err: np.ndarray
+
+    @property
+    def rank(self) -> int:
+        return len(self.err) - 1
+
+
+def error_curve(k: int, sigma: np.ndarray, norm: float) -> Curve:
+    """ALDS's bound: eps(k, j) = max_i sigma^(i)_{j+1} / ||W||_2."""
+    worst = sigma.max(axis=0) if sigma.size else np.zeros(0)
+    return Curve(k, np.append(worst / norm if norm > 0 else np.zeros_like(worst), 0.0))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What is counted: the cost of each candidate per weight (1 for parameters, its positions for MACs), the cost
+    outside the candidates' weights, the target, and what it is counted over."""
+
+    units: tuple[int, ...]
+    fixed: int
+    total: int
+    requested: float
+    counted_over: str
+
+    @property
+    def target(self) -> float:
+        return self.requested * self.total
+
+
+@dataclass
+class Allocation:
+    """Ranks per candidate (for its k), and the resulting cost."""
+
+    ks: list[int]
+    ranks: list[int]
+    cost: int
+    eps_star: float
+    budget: Budget
+
+    @property
+    def achieved(self) -> float:
+        return self.cost / self.budget.total
+
+    @property
+    def within_tolerance(self) -> bool:
+        return abs(self.cost - self.budget.target) <= KEEP_TOLERANCE * self.budget.target
+
+    def score(self) -> tuple[bool, float, float]:
+        """Smaller is better: the budget met within tolerance first, then the worst layer's error."""
+        return (not self.within_tolerance, self.eps_star, abs(self.cost - self.budget.target))
+
+
+def allocate(candidates: list[Candidate], curves: list[Curve], budget: Budget, *, split_ties: bool = False,
+             errors: list[Curve] | None = None) -> Allocation:
+    """Find the common level eps* whose ranks j_l = max(1, #{j : err_l[j] > eps*}) meet the budget.
+
+    Lowering the level past a value err_l[j] raises layer l from rank j to j+1; the values are visited from
+    the largest down, so the prefix that fits the budget is found by one sort and a cumulative sum (an exact
+    bisection over the breakpoints). Values that tie move together unless `split_ties` (for the constant-rank
+    baseline, where whole families of layers tie). The cheaper prefix at or under the target is taken, unless
+    it misses the tolerance and the next one meets it. `errors` (default: `curves`) give the reported eps*.
+    """
+    values, deltas, owners = [], [], []
+    cost0 = budget.fixed
+    for index, (cand, curve) in enumerate(zip(candidates, curves)):
+        r = curve.rank
+        ranks = np.arange(1, r + 1, dtype=np.int64)
+        cost = budget.units[index] * np.minimum(cand.dense, ranks * cand.per_rank(curve.k))
+        cost0 += int(cost[0])
+        values.append(curve.err[1:r])
+        deltas.append(np.diff(cost))
+        owners.append(np.full(r - 1, index, dtype=np.int64))
+    value = np.concatenate(values) if values else np.zeros(0)
+    order = np.argsort(-value, kind="stable")
+    value, delta, owner = value[order], np.concatenate(deltas)[order], np.concatenate(owners)[order]
+    prefix_cost = cost0 + np.concatenate([[0], np.cumsum(delta)])
+    if split_ties:
+        allowed = np.arange(len(value) + 1)
+    else:
+        allowed = np.concatenate([[0], np.flatnonzero(value[1:] != value[:-1]) + 1, [len(value)]]) \
+            if len(value) else np.zeros(1, dtype=np.int64)
+        allowed = np.unique(allowed)
+    costs = prefix_cost[allowed]
+    target = budget.target
+    fits = int(np.searchsorted(costs, target, side="right")) - 1
+    if fits < 0:
+        smallest = costs[0] / budget.total
+        raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable: rank 1 in every "
+                         f"decomposable layer keeps {smallest:.6f}; raise the keep ratio or decompose more layers")
+    choice = fits
+    if fits + 1 < len(costs) and costs[fits] < target * (1 - KEEP_TOLERANCE) \
+            and costs[fits + 1] <= target * (1 + KEEP_TOLERANCE):
+        choice = fits + 1
+    n = int(allowed[choice])
+    ranks = (1 + np.bincount(owner[:n], minlength=len(candidates))).tolist()
+    reported = errors or curves
+    eps = [float(reported[i].err[j]) for i, (cand, j) in enumerate(zip(candidates, ranks))
+           if cand.decomposes(curves[i].k, j)]
+    return Allocation([c.k for c in curves], ranks, int(prefix_cost[n]), max(eps, default=0.0), budget)
+
+
+def make_budget(model: nn.Module, candidates: list[Candidate], example: torch.Tensor, keep: float,
+                macs_keep: float | None) -> Budget:
+    """All parameters of the network (or its MACs with `macs_keep`) and what the candidates contribute."""
+    record_positions(model, candidates, example)
+    if macs_keep is not None:
+        total = count_macs(model, example).macs
+        units = tuple(c.positions for c in candidates)
+        fixed = total - sum(c.positions * c.dense for c in candidates)
+        return Budget(units, fixed, total, macs_keep, "MACs")
+    total = sum(p.numel() for p in model.parameters())
+    fixed = total - sum(c.dense for c in candidates)
+    return Budget(tuple(1 for _ in candidates), fixed, total, keep, "all parameters")
+
+
+# ------------------------------------------------------------------------------------------------- k search
+
+
+def nearest_divisors(candidates: list[Candidate], desired: int) -> list[int]:
+    """Per layer, the allowed k nearest to `desired` (ties to the larger, as in the reference)."""
+    return [min(c.ks, key=lambda k: (abs(k - desired), -k)) for c in candidates]
+
+
+class KSearch:
+    """The seeded iterative search over k (METHODS.md §3) on float32 error curves."""
+
+    def __init__(self, candidates: list[Candidate], budget: Budget, progress: Callable[[str, int, int], None] | None):
+        self.candidates, self.budget = candidates, budget
+        self.curves: list[dict[int, Curve]] = []
+        for index, cand in enumerate(candidates):
+            sigma = group_singular_values(cand.module.weight, cand.ks)
+            norm = float(sigma[1][0, 0]) if sigma[1].size else 0.0
+            self.curves.append({k: error_curve(k, s, norm) for k, s in sigma.items()})
+            if progress:
+                progress("alds: spectra", index + 1, len(candidates))
+        # per layer: candidate ks, weights per rank, max ranks and the padded error table
+        self.tables = []
+        for cand, curves in zip(candidates, self.curves):
+            ks = np.array(cand.ks)
+            width = max(c.rank for c in curves.values()) + 1
+            table = np.zeros((len(ks), width))
+            for row, k in enumerate(cand.ks):
+                table[row, :curves[k].rank + 1] = curves[k].err
+            self.tables.append((ks, np.array([cand.per_rank(k) for k in cand.ks]),
+                                np.array([cand.max_rank(k) for k in cand.ks]), table))
+
+    def allocate(self, ks: list[int]) -> Allocation:
+        return allocate(self.candidates, [curves[k] for curves, k in zip(self.curves, ks)], self.budget)
+
+    def improve(self, current: Allocation) -> list[int]:
+        """Per layer, the k with the smallest error for the weights the layer holds now (ties: smaller k)."""
+        chosen = []
+        for cand, (ks, per_rank, max_rank, table), k, j in zip(self.candidates, self.tables, current.ks,
+                                                               current.ranks):
+            share = cand.weights_at(k, j)
+            ranks = np.minimum(share // per_rank, max_rank)
+            err = np.where(ranks >= 1, table[np.arange(len(ks)), np.maximum(ranks, 0)], np.inf)
+            chosen.append(int(ks[int(np.argmin(err))]))
+        return chosen
+
+    def feasible_start(self, ks: list[int]) -> Allocation:
+        """The allocation for `ks`, halving k where rank 1 everywhere would still overshoot the budget."""
+        while True:
+            try:
+                return self.allocate(ks)
+            except UsageError:
+                if all(k == 1 for k in ks):
+                    raise
+                ks = [1 if k == 1 else min(c.ks, key=lambda d, half=k // 2: (abs(d - half), -d))
+                      for c, k in zip(self.candidates, ks)]
+
+    def seed_ks(self, index: int, rng: np.random.Generator) -> list[int]:
+        if index < len(FIXED_K_SEEDS):
+            return nearest_divisors(self.candidates, FIXED_K_SEEDS[index])
+        return [int(rng.choice(c.ks)) for c in self.candidates]
+
+    def run(self, seeds: int, rounds: int, seed: int) -> tuple[Allocation, dict[str, Any]]:
+        """Best allocation over the seeds; each seed keeps its best round (only if it beats its start)."""
+        rng = np.random.default_rng(seed)
+        best, best_seed, history = None, -1, []
+        for index in range(seeds):
+            start = self.feasible_start(self.seed_ks(index, rng))
+            current = kept = start
+            for _ in range(rounds):
+                ks = self.improve(current)
+                if ks == current.ks:
+                    break
+                try:
+                    current = self.allocate(ks)
+                except UsageError:  # rank 1 everywhere overshoots after all: keep what this seed has
+                    break
+                if current.score() < kept.score():
+                    kept = current
+            history.append({"seed": index, "start_eps": start.eps_star, "eps": kept.eps_star})
+            if best is None or kept.score() < best.score():
+                best, best_seed = kept, index
+        return best, {"seeds": history, "best_seed": best_seed}
+
+
+# ------------------------------------------------------------------------------------------------- apply
+
+
+def _relative_rank_curve(rank: int) -> Curve:
+    """The svd baseline's level: at relative rank a = 1 - level a layer keeps round(a * r) (at least 1)."""
+    j = np.arange(rank, dtype=np.float64)
+    return Curve(1, np.append(1.0 - (j + 0.5) / rank, 0.0))
+
+
+def _energy_curve(sigma: np.ndarray) -> Curve:
+    """The svd-energy baseline's level: relative Frobenius error sqrt(sum_{t>j} sigma_t^2 / sum sigma^2)."""
+    squares = sigma[0] ** 2
+    tail = np.append(np.cumsum(squares[::-1])[::-1], 0.0)
+    total = tail[0]
+    return Curve(1, np.sqrt(tail / total) if total > 0 else np.zeros_like(tail))
+
+
+def decompose(model: nn.Module, candidates: list[Candidate], factors: list[Factors], allocation: Allocation,
+              curves: list[Curve], budget: Budget) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Replace each layer that saves weights by its LowRank structure; per-layer rows and the transforms."""
+    rows, transforms = [], []
+    for cand, fac, curve, k, j in zip(candidates, factors, curves, allocation.ks, allocation.ranks):
+        module = cand.module
+        weight64 = module.weight.detach().to("cpu", torch.float64).reshape(cand.f, -1)
+        row: dict[str, Any] = {"name": cand.name, "kind": cand.kind, "shape_before": list(module.weight.shape),
+                               "params_before": cand.dense + cand.bias, "macs_before": cand.positions * cand.dense,
+                               "max_rank": cand.max_rank(k)}
+        if not cand.decomposes(k, j):
+            row.update(shape_after=list(module.weight.shape), params_after=row["params_before"],
+                       macs_after=row["macs_before"], decomposed=False, groups=None, rank=None, eps_bound=0.0,
+                       err_spectral=0.0, err_frobenius=0.0)
+            rows.append(row)
+            continue
+        target = build_lowrank(module, k, j)
+        decoder, encoder = lowrank_weights(module.weight, fac, j)
+        load_lowrank(target, module, decoder, encoder)
+        model.set_submodule(cand.name, target)
+        residual = weight64 - reconstructed(target, k)
+        norm = fac.norm
+        frobenius = float(torch.linalg.vector_norm(weight64))
+        row.update(shape_after=[list(target.encoder.weight.shape), list(target.decoder.weight.shape)],
+                   params_after=j * cand.per_rank(k) + cand.bias, macs_after=cand.positions * j * cand.per_rank(k),
+                   decomposed=True, groups=k, rank=j, eps_bound=float(curve.err[j]),
+                   err_spectral=spectral_norm(residual) / norm if norm > 0 else 0.0,
+                   err_frobenius=float(torch.linalg.vector_norm(residual)) / frobenius if frobenius > 0 else 0.0)
+        rows.append(row)
+        transforms.append({"type": TRANSFORM, "layer": cand.name, "groups": k, "rank": j})
+    return rows, transforms
+
+
+def _summary(method: str, model: nn.Module, example: torch.Tensor, allocation: Allocation, budget: Budget,
+             params_before: int, macs_before: int | None, skipped: list[dict[str, str]], rows: list[dict[str, Any]],
+             extra: dict[str, Any]) -> dict[str, Any]:
+    """The keep section (requested, achieved over what), eps*, the counts behind them, and method details."""
+    params_after = sum(p.numel() for p in model.parameters())
+    if budget.counted_over == "MACs":
+        macs_after = count_macs(model, example).macs
+        achieved = macs_after / macs_before
+    else:
+        macs_after = None
+        achieved = params_after / params_before
+    keep = {"requested": budget.requested, "achieved": achieved, "counted_over": budget.counted_over}
+    summary = {"method": method, "keep": keep, "keep_requested": budget.requested, "keep_achieved": achieved,
+               "keep_counted_over": budget.counted_over, "keep_tolerance": KEEP_TOLERANCE,
+               "eps_star": allocation.eps_star, "params_before": params_before, "params_after": params_after,
+               "params_keep": params_after / params_before, "allocated_cost": allocation.cost,
+               "budget_total": budget.total, "layers_decomposed": sum(r["decomposed"] for r in rows),
+               "layers_dense": sum(not r["decomposed"] for r in rows), "skipped": skipped,
+               "worst_err_spectral": max((r["err_spectral"] for r in rows), default=0.0)}
+    if macs_after is not None:
+        summary.update(macs_before=macs_before, macs_after=macs_after)
+    summary.update(extra)
+    return summary
+
+
+def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups: tuple[int, ...] = ()):
+    candidates, skipped = find_candidates(model, cfg.include, cfg.exclude, groups)
+    example = ctx.example_inputs
+    budget = make_budget(model, candidates, example, cfg.keep, cfg.macs_keep)
+    params_before = sum(p.numel() for p in model.parameters())
+    macs_before = budget.total if budget.counted_over == "MACs" else None
+    return candidates, skipped, example, budget, params_before, macs_before
+
+
+def _final(model: nn.Module, candidates: list[Candidate], ks: list[int], budget: Budget,
+           level_curves: Callable[[list[Factors]], list[Curve]] | None, split_ties: bool,
+           progress: Callable[[str, int, int], None] | None) -> tuple[Allocation, list[Factors], list[Curve]]:
+    """float64 factors for the chosen k's, the exact ALDS curves, and the allocation (by `level_curves` if given)."""
+    factors = []
+    for index, (cand, k) in enumerate(zip(candidates, ks)):
+        factors.append(exact_factors(cand.module.weight, k))
+        if progress:
+            progress("decompose: spectra", index + 1, len(candidates))
+    curves = [error_curve(fac.k, fac.sigma, fac.norm) for fac in factors]
+    levels = level_curves(factors) if level_curves else curves
+    allocation = allocate(candidates, levels, budget, split_ties=split_ties, errors=curves)
+    return allocation, factors, curves
+
+
+@register("alds", ALDSConfig)
+def apply(model: nn.Module, cfg: ALDSConfig, ctx: Context) -> Result:
+    """Decompose `model` in place: k per layer by the seeded search, then ranks at the common error level eps*."""
+    candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx, cfg.groups)
+    search = KSearch(candidates, budget, ctx.progress)
+    best, log = search.run(cfg.seeds, cfg.rounds, ctx.seed)
+    allocation, factors, curves = _final(model, candidates, best.ks, budget, None, False, ctx.progress)
+    rows, transforms = decompose(model, candidates, factors, allocation, curves, budget)
+    summary = _summary("alds", model, example, allocation, budget, params_before, macs_before, skipped, rows,
+                       {"search": dict(log, seeds_tried=cfg.seeds, rounds=cfg.rounds, search_eps=best.eps_star)})
+    return Result(model, layers=rows, summary=summary, transforms=transforms)
+
+
+@register("svd", SVDConfig)
+def apply_svd(model: nn.Module, cfg: SVDConfig, ctx: Context) -> Result:
+    """Truncated SVD (k = 1) with one relative rank in every layer, chosen to meet the budget."""
+    candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx)
+    for cand in candidates:
+        cand.ks = [1]
+    allocation, factors, curves = _final(
+        model, candidates, [1] * len(candidates), budget,
+        lambda facs: [_relative_rank_curve(fac.sigma.shape[1]) for fac in facs], True, ctx.progress)
+    rows, transforms = decompose(model, candidates, factors, allocation, curves, budget)
+    relative = [r / c.max_rank(1) for r, c in zip(allocation.ranks, candidates)]
+    summary = _summary("svd", model, example, allocation, budget, params_before, macs_before, skipped, rows,
+                       {"relative_rank": {"min": min(relative), "max": max(relative)}})
+    return Result(model, layers=rows, summary=summary, transforms=transforms)
+
+
+@register("svd-energy", SVDEnergyConfig)
+def apply_svd_energy(model: nn.Module, cfg: SVDEnergyConfig, ctx: Context) -> Result:
+    """Truncated SVD (k = 1) keeping in every layer the smallest rank with a common fraction of Frobenius energy."""
+    candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx)
+    for cand in candidates:
+        cand.ks = [1]
+    energy: list[Curve] = []
+
+    def levels(facs: list[Factors]) -> list[Curve]:
+        energy[:] = [_energy_curve(fac.sigma) for fac in facs]
+        return energy
+
+    allocation, factors, curves = _final(model, candidates, [1] * len(candidates), budget, levels, False,
+                                         ctx.progress)
+    rows, transforms = decompose(model, candidates, factors, allocation, curves, budget)
+    frob = [float(e.err[j]) for e, j, row in zip(energy, allocation.ranks, rows) if row["decomposed"]]
+    summary = _summary("svd-energy", model, example, allocation, budget, params_before, macs_before, skipped, rows,
+                       {"energy_kept": 1.0 - max(frob, default=0.0) ** 2})
+    return Result(model, layers=rows, summary=summary, transforms=transforms)
