@@ -56,11 +56,40 @@ def latency_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
             for r in report.get("latency", [])]
 
 
-LAYER_COLUMNS = ("name", "kind", "shape", "weights", "kept", "sparsity", "floor", "floor hit")
+PRUNING_COLUMNS = ("name", "kind", "shape", "weights", "kept", "sparsity", "floor", "floor hit")
+LOWRANK_COLUMNS = ("name", "kind", "shape", "groups k", "rank j", "params before", "params after", "MACs after/before",
+                   "ε bound", "error (spectral)", "error (Frobenius)")
 
 
-def layer_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
-    """Per-layer audit rows of a pruning report."""
-    return [(row["name"], row["kind"], "x".join(map(str, row["shape_before"])), num(row["weights"]), num(row["kept"]),
-             pct(row["sparsity"]), num(row["floor"]), "yes" if row["floor_hit"] else "")
-            for row in report.get("layers", []) if "weights" in row]
+def _shape(shape: list) -> str:
+    """`64x32x3x3`, or `enc -> dec` for a decomposed layer's pair of shapes."""
+    if shape and isinstance(shape[0], list):
+        return " → ".join("x".join(map(str, s)) for s in shape)
+    return "x".join(map(str, shape))
+
+
+def layer_table(report: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """Per-layer audit: the pruning columns (GlobalMP) or the low-rank columns (ALDS, SVD)."""
+    layers = report.get("layers", [])
+    if any("weights" in row for row in layers):
+        return PRUNING_COLUMNS, [(row["name"], row["kind"], _shape(row["shape_before"]), num(row["weights"]),
+                                  num(row["kept"]), pct(row["sparsity"]), num(row["floor"]),
+                                  "yes" if row["floor_hit"] else "") for row in layers if "weights" in row]
+    if any("rank" in row for row in layers):
+        return LOWRANK_COLUMNS, [(row["name"], row["kind"], _shape(row["shape_after"]), num(row["groups"]),
+                                  num(row["rank"]), num(row["params_before"]), num(row["params_after"]),
+                                  ratio(row["macs_after"], row["macs_before"]), num(row["eps_bound"], 4),
+                                  num(row["err_spectral"], 4), num(row["err_frobenius"], 4)) for row in layers]
+    return (), []
+
+
+def budget_line(report: dict[str, Any]) -> str | None:
+    """`sparsity over X: requested, achieved` or `kept of X: requested, achieved`, whichever the run has."""
+    if report.get("sparsity"):
+        s = report["sparsity"]
+        return (f"sparsity over {s['counted_over']}: requested {pct(s['requested'], 3)}, "
+                f"achieved {pct(s['achieved'], 3)}")
+    if report.get("keep"):
+        k = report["keep"]
+        return f"kept of {k['counted_over']}: requested {pct(k['requested'], 3)}, achieved {pct(k['achieved'], 3)}"
+    return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compress.report.format import LAYER_COLUMNS, latency_rows, layer_rows, model_rows, num, pct, task_rows
+from compress.report.format import budget_line, latency_rows, layer_table, model_rows, num, task_rows
 
 SPARSE_NOTE = ("Unstructured sparsity makes the file smaller and can raise accuracy per byte; dense runtimes "
                "execute the same MACs, so expect size and accuracy changes only, no dense speed-up.")
@@ -23,10 +23,11 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"- status: **{report.get('status')}** (exit {report.get('exit_code')})",
              f"- model: `{report.get('model', {}).get('source')}`",
              f"- command: `{report.get('command')}`", f"- seed: {report.get('seed')}", ""]
-    sparsity = report.get("sparsity")
-    if sparsity:
-        lines += [f"Sparsity over {sparsity.get('counted_over')}: requested {pct(sparsity.get('requested'), 3)}, "
-                  f"achieved {pct(sparsity.get('achieved'), 3)}.", "", SPARSE_NOTE, ""]
+    budget = budget_line(report)
+    if budget:
+        lines += [budget[0].upper() + budget[1:] + ".", ""]
+    if report.get("sparsity"):
+        lines += [SPARSE_NOTE, ""]
     for problem in report.get("audit", {}).get("problems", []):
         lines.append(f"- **audit:** {problem}")
     lines += ["## Accuracy", ""]
@@ -42,9 +43,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Fine-tuning", "", f"{finetune['epochs']} epoch(s), {cfg['optimizer']}, lr {cfg['lr']}, "
                   f"label smoothing {cfg['label_smoothing']}, distillation {'on' if cfg['distill'] else 'off'}; "
                   f"mean loss per epoch {finetune['epoch_losses']}.", ""]
-    rows = layer_rows(report)
+    columns, rows = layer_table(report)
     if rows:
-        lines += ["## Layers", ""] + _table(LAYER_COLUMNS, rows)
+        lines += ["## Layers", ""] + _table(columns, rows)
     lines += ["## Conditions", "", f"- CPU: {env.get('cpu')} ({env.get('cpu_count')} cores), "
               f"torch threads {env.get('threads')}, device {env.get('device')}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v),

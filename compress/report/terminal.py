@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from compress.report.format import LAYER_COLUMNS, latency_rows, layer_rows, model_rows, pct, task_rows
+from compress.report.format import budget_line, latency_rows, layer_table, model_rows, task_rows
 
 MAX_LAYER_ROWS = 40
 
@@ -23,21 +23,20 @@ def _table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> 
 
 def print_summary(report: dict[str, Any], console: Console, *, layers: bool = True) -> None:
     """Outcome, accuracy, size, latency and (up to MAX_LAYER_ROWS) per-layer rows."""
-    rows = layer_rows(report)
+    columns, rows = layer_table(report)
     if layers and rows:
         shown = rows if len(rows) <= MAX_LAYER_ROWS else rows[:MAX_LAYER_ROWS]
         console.print(_table("Layers" + ("" if shown is rows else f" (first {MAX_LAYER_ROWS} of {len(rows)})"),
-                             LAYER_COLUMNS, shown))
+                             columns, shown))
     console.print(_table("Accuracy", ("task", "metric", "before", "after compression", "after fine-tuning"),
                          task_rows(report)))
     console.print(_table("Size and cost", ("quantity", "before", "after", "after/before"), model_rows(report)))
     if report.get("latency"):
         console.print(_table("Latency (interleaved with the original)", ("backend", "batch", "threads", "runs",
                              "p50 ms", "p90 ms", "original p50 ms", "speed-up [p25, p75]"), latency_rows(report)))
-    sparsity = report.get("sparsity")
-    if sparsity:
-        console.print(f"sparsity over {sparsity['counted_over']}: requested {pct(sparsity['requested'], 3)}, "
-                      f"achieved {pct(sparsity['achieved'], 3)}")
+    budget = budget_line(report)
+    if budget:
+        console.print(budget)
     for problem in report.get("audit", {}).get("problems", []):
         console.print(f"[bold red]audit:[/] {problem}")
     console.print(f"status: [bold]{report.get('status')}[/]  output: {report.get('out')}")
