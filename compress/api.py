@@ -21,7 +21,7 @@ from compress import artifact, distributed
 from compress.config import ConfigBase, FinetuneConfig
 from compress.data import Splits, load_dataset
 from compress.errors import AuditError
-from compress.finetune import Evaluation, default_device, evaluate, train
+from compress.finetune import Evaluation, default_device, evaluate, recalibrate_batchnorm, train
 from compress.measure import count_macs, count_params, measure_latency_pair, model_sizes
 from compress.measure.conditions import environment
 from compress.methods import METHODS, Context, Result, method_for_config
@@ -60,6 +60,7 @@ class RunOptions:
     latency: bool = True
     latency_threads: int = 1
     latency_runs: int = 30
+    recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on the calibration split after compressing
     command: str = field(default_factory=lambda: shlex.join(["compress", *sys.argv[1:]]))
 
 
@@ -152,6 +153,8 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     started = time.perf_counter()
     result = spec.apply(model, method_cfg, Context(example, splits, device, options.seed, progress))
     prune_seconds = time.perf_counter() - started
+    raw = evaluate(model, splits.test) if options.recalibrate_bn else None
+    recalibrated = recalibrate_batchnorm(model, splits.calibration) if options.recalibrate_bn else 0
     after_compression = evaluate(model, splits.test)
     report: dict[str, Any] = {}
     after_finetune = None
@@ -172,6 +175,8 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     report["layers"] = result.layers
     report["tasks"] = {"classification": _task_row(before, after_compression, after_finetune)}
     report["timings"] = {"compress_seconds": round(prune_seconds, 4)}
+    report["bn_recalibration"] = {"layers": recalibrated, "split": "calibration",
+                                  "accuracy_before": None if raw is None else round(raw.accuracy, 4)}
     if options.latency and distributed.current().is_main:
         report["latency"] = [measure_latency_pair(model.cpu(), original.cpu(), example.cpu(), batch=1,
                                                   threads=options.latency_threads, runs=options.latency_runs).to_dict()]

@@ -203,9 +203,11 @@ def prune(
     schedule: Annotated[str, typer.Option(help="oneshot, or gradual (cubic, during fine-tuning).")] = "oneshot",
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning after pruning.")] = 0,
     optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.01,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.03,
     distill: Annotated[bool, typer.Option(help="Distil from the uncompressed model while fine-tuning.")] = False,
     latency: Annotated[bool, typer.Option(help="Measure PyTorch CPU latency beside the original.")] = True,
+    bn_recalibrate: Annotated[bool, typer.Option(help="Re-estimate BatchNorm statistics on the calibration split "
+                                                 "after compressing.")] = True,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (see recipes/); options given here override "
                                                 "it.")] = None,
     model: ModelOpt = None, weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
@@ -235,7 +237,7 @@ def prune(
         source = api.ModelSource(spec=pick["model"], weights=str(weights) if weights else None,
                                  num_classes=num_classes, trust_pickle=trust_pickle)
         options = api.RunOptions(out=_default_out("prune", out), data=pick["data"], seed=pick["seed"], force=force,
-                                 latency=latency)
+                                 latency=latency, recalibrate_bn=bn_recalibrate)
         with session.progress() as progress:
             return api.prune(source, cfg, options, tune, progress)
 
@@ -247,7 +249,7 @@ def finetune(
     model: Annotated[str, typer.Argument(help="A compress output directory (or any --model spec).")],
     epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning.")] = 1,
     optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.01,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.03,
     teacher: Annotated[str | None, typer.Option(help="Model spec to distil from (e.g. the original).")] = None,
     weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
     seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,

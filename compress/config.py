@@ -87,7 +87,7 @@ class FinetuneConfig(ConfigBase):
 
     epochs: int = 1
     optimizer: str = "sgd"       # "sgd" or "adamw"
-    lr: float = 0.01
+    lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1

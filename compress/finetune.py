@@ -64,6 +64,30 @@ def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 512,
     return Evaluation(100.0 * correct / n, total_loss / n)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, split: TensorSplit, batch_size: int = 256) -> int:
+    """Re-estimate BatchNorm running statistics on `split` (cumulative average); returns the layers reset.
+
+    Pruning or decomposing shifts every activation's statistics, and stale running means can leave a good
+    model at chance accuracy until it is fine-tuned; a forward pass over calibration data fixes that cheaply.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    device = next(model.parameters()).device
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average over all batches
+    model.train()
+    for x, _ in Batches(split, batch_size):
+        model(x.to(device))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.train(was_training)
+    return len(norms)
+
+
 def apply_masks(model: nn.Module, masks: Masks) -> None:
     """Zero every pruned weight in place (after each optimiser step, so momentum cannot revive it)."""
     if not masks:

@@ -31,6 +31,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     for problem in report.get("audit", {}).get("problems", []):
         lines.append(f"- **audit:** {problem}")
     lines += ["## Accuracy", ""]
+    recal = report.get("bn_recalibration") or {}
+    if recal.get("layers"):
+        lines += [f"After compression, BatchNorm statistics of {recal['layers']} layers were re-estimated on the "
+                  f"calibration split (test accuracy before that: {num(recal.get('accuracy_before'))}).", ""]
     lines += _table(("task", "metric", "before", "after compression", "after fine-tuning"), task_rows(report))
     lines += ["## Size and cost", ""] + _table(("quantity", "before", "after", "after/before"), model_rows(report))
     if report.get("latency"):
