@@ -132,6 +132,43 @@ def _finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, result: 
             "epoch_losses": [round(v, 5) for v in log.epoch_losses]}
 
 
+@dataclass
+class _Prepared:
+    """What every verb starts from: the output directory, the model, its data and an example input."""
+
+    run: artifact.RunDir
+    loaded: LoadedModel
+    splits: Splits
+    model: nn.Module
+    example: torch.Tensor
+
+
+def _prepare(source: ModelSource, options: RunOptions) -> _Prepared:
+    """Claim the output directory, seed, load the model and its data, and move the model to the device."""
+    run = artifact.RunDir(options.out, force=options.force, inputs=_input_paths(source),
+                          writer=distributed.current().is_main)
+    seed_everything(options.seed)
+    loaded = source.load()
+    splits = load_data_for(loaded, options.data, options.seed)
+    device = default_device()
+    return _Prepared(run, loaded, splits, loaded.model.to(device), splits.test.x[:1].to(device))
+
+
+def _result_sections(result: Result) -> dict[str, Any]:
+    """The report's method-specific sections: sparsity or keep, summary, layers."""
+    sections: dict[str, Any] = {"summary": result.summary, "layers": result.layers}
+    if "target_pruned" in result.summary:
+        sections["sparsity"] = {k: result.summary[k] for k in ("requested", "achieved", "counted_over")}
+    if "keep" in result.summary:
+        sections["keep"] = result.summary["keep"]
+    return sections
+
+
+def _audit_failure(problems: list[str], report: dict[str, Any], out: Path) -> AuditError:
+    more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+    return AuditError(f"compression audit failed: {problems[0]}{more}; see {out / 'report.md'}", report)
+
+
 def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, finetune_cfg: FinetuneConfig | None = None,
           progress: Progress | None = None) -> dict[str, Any]:
     """Compress a model with the method its config names, fine-tune, measure, save the run and report.
@@ -139,20 +176,14 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     Returns the report (the dict written as report.json). Raises `AuditError` (exit 6) after writing the run
     when the result misses its target or a floor.
     """
-    run = artifact.RunDir(options.out, force=options.force, inputs=_input_paths(source),
-                          writer=distributed.current().is_main)
-    seed_everything(options.seed)
-    loaded = source.load()
-    splits = load_data_for(loaded, options.data, options.seed)
-    device = default_device()
-    model = loaded.model.to(device)
+    job = _prepare(source, options)
+    model, splits, example = job.model, job.splits, job.example
     original = copy.deepcopy(model).eval()
-    example = splits.test.x[:1].to(device)
     before = evaluate(model, splits.test)
     spec = method_for_config(method_cfg)
     started = time.perf_counter()
-    result = spec.apply(model, method_cfg, Context(example, splits, device, options.seed, progress))
-    prune_seconds = time.perf_counter() - started
+    result = spec.apply(model, method_cfg, Context(example, splits, example.device, options.seed, progress))
+    timings = {"compress_seconds": round(time.perf_counter() - started, 4)}
     raw = evaluate(model, splits.test) if options.recalibrate_bn else None
     recalibrated = recalibrate_batchnorm(model, splits.calibration) if options.recalibrate_bn else 0
     after_compression = evaluate(model, splits.test)
@@ -161,39 +192,28 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     if finetune_cfg is not None and finetune_cfg.epochs > 0:
         key = _run_key(source, method_cfg, finetune_cfg, options, splits)
         report["finetune"] = _finetune(model, splits, finetune_cfg, result=result, teacher=original,
-                                       seed=options.seed, run=run, progress=progress, run_key=key)
+                                       seed=options.seed, run=job.run, progress=progress, run_key=key)
         after_finetune = evaluate(model, splits.test)
-        if result.refresh is not None:
-            result = result.refresh()
-    report.update(_base_report(options, spec.name, method_cfg, loaded))
+        result = result.refresh() if result.refresh is not None else result
+    report.update(_base_report(options, spec.name, method_cfg, job.loaded), **_result_sections(result))
     report["model"].update(before=describe_model(original, example), after=describe_model(model, example))
-    if "target_pruned" in result.summary:
-        report["sparsity"] = {k: result.summary[k] for k in ("requested", "achieved", "counted_over")}
-    if "keep" in result.summary:
-        report["keep"] = result.summary["keep"]
-    report["summary"] = result.summary
-    report["layers"] = result.layers
-    report["tasks"] = {"classification": _task_row(before, after_compression, after_finetune)}
-    report["timings"] = {"compress_seconds": round(prune_seconds, 4)}
-    report["bn_recalibration"] = {"layers": recalibrated, "split": "calibration",
-                                  "accuracy_before": None if raw is None else round(raw.accuracy, 4)}
+    report.update(tasks={"classification": _task_row(before, after_compression, after_finetune)}, timings=timings,
+                  bn_recalibration={"layers": recalibrated, "split": "calibration",
+                                    "accuracy_before": None if raw is None else round(raw.accuracy, 4)})
     if options.latency and distributed.current().is_main:
         report["latency"] = [measure_latency_pair(model.cpu(), original.cpu(), example.cpu(), batch=1,
                                                   threads=options.latency_threads, runs=options.latency_runs).to_dict()]
     problems = audit(result)
-    report["audit"] = {"ok": not problems, "problems": problems}
-    exit_code = AuditError.exit_code if problems else 0
-    report.update(status="audit_failed" if problems else "ok", exit_code=exit_code)
-    manifest = _manifest(loaded, splits, options, source)
-    arch = dict(loaded.arch, transforms=[*loaded.arch.get("transforms", []), *result.transforms])
+    report.update(audit={"ok": not problems, "problems": problems}, status="audit_failed" if problems else "ok",
+                  exit_code=AuditError.exit_code if problems else 0)
+    arch = dict(job.loaded.arch, transforms=[*job.loaded.arch.get("transforms", []), *result.transforms])
     report["model"]["arch"] = arch
-    artifact.save_model_files(run, model.cpu(), arch, manifest, result.masks)
-    _write_reports(run, report, method_cfg, finetune_cfg, options)
-    run.commit()
+    manifest = _manifest(job.loaded, splits, options, source)
+    artifact.save_model_files(job.run, model.cpu(), arch, manifest, result.masks)
+    _write_reports(job.run, report, method_cfg, finetune_cfg, options)
+    job.run.commit()
     if problems:
-        raise AuditError(f"compression audit failed: {problems[0]}" + (f" (+{len(problems) - 1} more)"
-                                                                       if len(problems) > 1 else "")
-                         + f"; see {options.out / 'report.md'}", report)
+        raise _audit_failure(problems, report, options.out)
     return report
 
 
@@ -237,41 +257,34 @@ def _write_reports(run: artifact.RunDir, report: dict[str, Any], method_cfg: Con
 def finetune(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, teacher: ModelSource | None = None,
              progress: Progress | None = None) -> dict[str, Any]:
     """Fine-tune a compress run directory (or any model), keeping its pruned weights at zero."""
-    run = artifact.RunDir(options.out, force=options.force, inputs=_input_paths(source),
-                          writer=distributed.current().is_main)
-    seed_everything(options.seed)
-    loaded = source.load()
-    splits = load_data_for(loaded, options.data, options.seed)
-    model = loaded.model.to(default_device())
+    job = _prepare(source, options)
+    model, splits = job.model, job.splits
     example = splits.test.x[:1]
-    masks = artifact.masks_from_manifest(model, loaded.manifest)
+    masks = artifact.masks_from_manifest(model, job.loaded.manifest)
     original = copy.deepcopy(model).cpu().eval()
     teacher_model = teacher.load().model if teacher is not None else None
     before = evaluate(model, splits.test)
-    result = Result(model, masks)
     key = _run_key(source, None, cfg, options, splits)
-    report: dict[str, Any] = {"finetune": _finetune(model, splits, cfg, result=result, teacher=teacher_model,
-                                                    seed=options.seed, run=run, progress=progress, run_key=key)}
+    report: dict[str, Any] = {"finetune": _finetune(model, splits, cfg, result=Result(model, masks),
+                                                    teacher=teacher_model, seed=options.seed, run=job.run,
+                                                    progress=progress, run_key=key)}
     after = evaluate(model, splits.test)
-    report.update(_base_report(options, "finetune", cfg, loaded))
+    report.update(_base_report(options, "finetune", cfg, job.loaded))
     report["model"].update(before=describe_model(original, example), after=describe_model(model.cpu(), example))
     report["tasks"] = {"classification": _task_row(before, None, after)}
     report.update(status="ok", exit_code=0, layers=[], audit={"ok": True, "problems": []})
-    manifest = _manifest(loaded, splits, options, source)
-    artifact.save_model_files(run, model.cpu(), loaded.arch, manifest, masks)
-    _write_reports(run, report, None, cfg, options)
-    run.commit()
+    artifact.save_model_files(job.run, model.cpu(), job.loaded.arch, _manifest(job.loaded, splits, options, source),
+                              masks)
+    _write_reports(job.run, report, None, cfg, options)
+    job.run.commit()
     return report
 
 
 def train_model(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, *, install_baseline: bool = False,
                 progress: Progress | None = None) -> dict[str, Any]:
     """Train a model from scratch (random init) and save it as a run; optionally as the shipped baseline."""
-    run = artifact.RunDir(options.out, force=options.force, writer=distributed.current().is_main)
-    seed_everything(options.seed)
-    loaded = source.load()
-    splits = load_data_for(loaded, options.data, options.seed)
-    model = loaded.model.to(default_device())
+    job = _prepare(source, options)
+    run, loaded, splits, model = job.run, job.loaded, job.splits, job.model
     log = train(model, splits, cfg, seed=options.seed, checkpoint=run.path(CHECKPOINT_FILE),
                 run_key=_run_key(source, None, cfg, options, splits), progress=progress)
     test = evaluate(model, splits.test)
@@ -288,7 +301,7 @@ def train_model(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, *
     manifest = artifact.save_model_files(run, model.cpu(), loaded.arch, manifest)
     _write_reports(run, report, None, cfg, options)
     out = run.commit()
-    if install_baseline and loaded.arch.get("kind") == "builtin":
+    if install_baseline and loaded.arch.get("kind") == "builtin" and distributed.current().is_main:
         weights, manifest_path = baseline_paths(loaded.arch["name"])
         weights.parent.mkdir(parents=True, exist_ok=True)
         artifact.write_atomic(weights, (out / artifact.WEIGHTS_FILE).read_bytes())

@@ -11,6 +11,7 @@ import torchvision
 from compress import api, artifact
 from compress.config import GlobalMPConfig
 from compress.errors import UsageError
+from compress.finetune import recalibrate_batchnorm
 from compress.methods import METHODS, Context
 from compress.models import load_model
 from tests.conftest import TINY_SPEC
@@ -93,6 +94,7 @@ def test_pruned_run_loads_back_with_identical_outputs(tiny_run, digits):
     loaded = load_model(str(tiny_run))
     reference = tiny_cnn()
     METHODS["globalmp"].apply(reference, GlobalMPConfig(sparsity=0.9), Context(torch.zeros(1)))
+    recalibrate_batchnorm(reference, digits.calibration)  # as `compress prune` does after compressing
     x = digits.test.x[:64]
     with torch.inference_mode():
         out = loaded.model(x)

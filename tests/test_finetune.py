@@ -132,3 +132,31 @@ def test_checkpoint_of_other_settings_is_refused_not_resumed(digits, tmp_path):
     with pytest.raises(UsageError, match="other settings"):
         train(other, digits, cfg, masks=other_masks, seed=0, checkpoint=checkpoint, run_key="b")
     assert checkpoint.exists(), "the interrupted run is kept for its own settings"
+
+
+def test_batchnorm_recalibration_matches_the_data_statistics(digits):
+    from compress.finetune import recalibrate_batchnorm
+
+    model, _ = pruned_tiny()
+    first_norm = model.features[1]
+    first_norm.running_mean.fill_(5.0)  # stale statistics, as after pruning
+    assert recalibrate_batchnorm(model, digits.calibration) == 3
+    with torch.no_grad():
+        conv_out = model.features[0](digits.calibration.x)
+    expected = conv_out.mean(dim=(0, 2, 3))
+    assert torch.allclose(first_norm.running_mean, expected, atol=1e-4)
+    assert first_norm.momentum == 0.1, "the layer's own momentum is restored"
+
+
+def test_prune_reports_recalibration_and_can_skip_it(tmp_path):
+    from compress import api
+    from tests.conftest import TINY_SPEC
+
+    def run(name: str, recalibrate: bool) -> dict:
+        return api.prune(api.ModelSource(spec=TINY_SPEC), GlobalMPConfig(sparsity=0.9),
+                         api.RunOptions(out=tmp_path / name, data="digits", latency=False, recalibrate_bn=recalibrate))
+
+    assert run("on", True)["bn_recalibration"]["layers"] == 3
+    skipped = run("off", False)
+    assert skipped["bn_recalibration"]["layers"] == 0
+    assert skipped["bn_recalibration"]["accuracy_before"] is None
