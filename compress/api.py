@@ -25,12 +25,12 @@ from compress.finetune import Evaluation, default_device, evaluate, recalibrate_
 from compress.measure import count_macs, count_params, measure_latency_pair, model_sizes
 from compress.measure.conditions import environment
 from compress.methods import METHODS, Context, Result, method_for_config
+from compress.methods.base import KEEP_TOLERANCE
 from compress.models import LoadedModel, load_model
 from compress.models.loader import baseline_paths
 from compress.report import render_markdown
 
 SCHEMA_VERSION = 1
-KEEP_TOLERANCE = 0.005  # a keep budget (fraction of parameters or MACs) is met within this fraction of itself
 CHECKPOINT_FILE = "finetune.ckpt"
 Progress = Callable[[str, int, int], None]
 

@@ -27,10 +27,9 @@ from torch import nn
 from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig, matches
 from compress.errors import UsageError
 from compress.measure import count_macs
-from compress.methods.base import Context, Result, register
+from compress.methods.base import KEEP_TOLERANCE, Context, Result, register
 from compress.models.loader import register_transform
 
-KEEP_TOLERANCE = 0.005          # the budget is met within this fraction of itself
 FIXED_K_SEEDS = (3, 5, 7, 9)    # the first seeds of the k search: per layer, the divisor of c nearest to these
 GRAM_FINE_LIMIT = 1 << 24       # elements of the finest-level Gram stack reused for coarser k (else per k)
 TRANSFORM = "lowrank"

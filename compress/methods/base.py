@@ -13,6 +13,7 @@ from compress.config import ConfigBase
 from compress.data import Splits
 
 Masks = dict[str, torch.Tensor]
+KEEP_TOLERANCE = 0.005  # a keep budget (fraction of parameters or MACs) is met within this fraction of itself
 
 
 @dataclass
