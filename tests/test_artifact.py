@@ -14,7 +14,7 @@ from compress.errors import UsageError
 from compress.finetune import recalibrate_batchnorm
 from compress.methods import METHODS, Context
 from compress.models import load_model
-from tests.conftest import TINY_SPEC
+from tests.conftest import TINY_SPEC, requires_baseline
 from tests.factories import tiny_cnn
 
 
@@ -194,3 +194,11 @@ def test_out_equal_to_the_input_model_is_refused(tiny_run):
 def test_load_artifact_rejects_a_plain_directory(tmp_path):
     with pytest.raises(UsageError, match="not a compress output directory"):
         load_model(str(tmp_path))
+
+
+@requires_baseline
+def test_sparse_file_of_the_builtin_model_at_90_percent():
+    model = load_model().model
+    METHODS["globalmp"].apply(model, GlobalMPConfig(sparsity=0.9), Context(torch.zeros(1)))
+    dense, sparse = len(artifact.dense_bytes(model)), len(artifact.sparse_bytes(model))
+    assert sparse <= 0.15 * dense, f"sparse {sparse} bytes is {sparse / dense:.3f} of dense {dense}"
