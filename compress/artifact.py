@@ -1,7 +1,8 @@
 """The run directory: weights in safetensors with a lossless sparse encoding, arch.json, manifest.json.
 
 A pruned tensor is stored as a bitmask of its nonzeros (packed, 1 bit per weight) plus the nonzero values in
-row-major order, whenever that is smaller than the dense tensor. Decoding gives back every value exactly.
+row-major order, whenever that is smaller than the dense tensor. Decoding gives back every value exactly
+(bit for bit, except that a -0.0 comes back as +0.0; compress's own pruning writes +0.0).
 """
 
 from __future__ import annotations
@@ -31,11 +32,6 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's bit patterns as integers of the same width."""
-    return tensor.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()])
-
-
 def encode_sparse(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """Replace each tensor whose bitmask + nonzeros is smaller than it by that pair; returns tensors, shapes."""
     tensors: dict[str, torch.Tensor] = {}
@@ -45,7 +41,9 @@ def encode_sparse(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
         if not tensor.is_floating_point():
             tensors[name] = tensor
             continue
-        nonzero = _bits(tensor) != 0  # bit pattern, so -0.0 is kept as a value and decoding is bit-exact
+        # -0.0 counts as zero and decodes as +0.0 (equal values): tools that prune by multiplying leave -0.0 in
+        # half their pruned weights, and keeping those as values would double the file
+        nonzero = tensor != 0
         nnz = int(nonzero.sum())
         encoded_bytes = (n + 7) // 8 + nnz * tensor.element_size()
         if encoded_bytes >= n * tensor.element_size():
