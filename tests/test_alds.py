@@ -634,3 +634,20 @@ def test_onnx_export_parity(tmp_path, dynamo):
         (y,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             assert np.abs(y - net(x).numpy()).max() < 1e-4
+
+
+def test_alds_composes_with_physical_channel_pruning():
+    """A model whose channels Torch-Pruning removed (what PAGCP will produce) decomposes like any other."""
+    import torch_pruning as tp
+
+    model = resnet18()
+    example = torch.randn(1, 3, 32, 32)
+    tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
+                              pruning_ratio=0.5, ignored_layers=[model.fc]).step()
+    assert model.layer1[0].conv1.out_channels == 32, "channels physically removed"
+    before = sum(p.numel() for p in model.parameters())
+    result = METHODS["alds"].apply(model, ALDSConfig(keep=0.5), Context(example))
+    after = sum(p.numel() for p in model.parameters())
+    assert abs(after - 0.5 * before) <= KEEP_TOLERANCE * 0.5 * before
+    assert result.summary["layers_decomposed"] > 0
+    assert model(example).shape == (1, 10)
