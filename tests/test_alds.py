@@ -18,6 +18,7 @@ from compress import api
 from compress.cli import app
 from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig
 from compress.errors import UsageError
+from compress.finetune import recalibrate_batchnorm
 from compress.measure import count_macs
 from compress.methods import METHODS, Context, Result
 from compress.methods.alds import (
@@ -510,6 +511,8 @@ def test_artifact_round_trip(alds_run, digits):
     # the same decomposition computed here (the method is deterministic) gives bit-identical outputs
     model = digits_cnn()
     run("alds", model, ALDSConfig(keep=ROUND_TRIP_KEEP), digits.test.x[:1])
+    recalibrate_batchnorm(model, digits.calibration)  # as `compress prune` does after compressing
+    model.eval()
     x = digits.test.x[:64]
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -539,6 +542,8 @@ def test_baseline_artifacts_round_trip(method, cfg, tmp_path, digits):
     assert report["method"] == method and report["status"] == "ok"
     model = digits_cnn()
     run(method, model, cfg, digits.test.x[:1])
+    recalibrate_batchnorm(model, digits.calibration)
+    model.eval()
     loaded = load_model(str(out)).model
     x = digits.test.x[:64]
     with torch.no_grad():
