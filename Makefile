@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 THREADS ?= 2
 
-.PHONY: help install data demo test test-fast baseline bench bench-globalmp clean
+.PHONY: help install data demo test test-fast baseline bench bench-globalmp bench-alds clean
 
 help:
 	@echo "make demo            set up, then prune the built-in model to 90% sparsity with one epoch of fine-tuning"
@@ -51,7 +51,12 @@ baseline: install data
 bench-globalmp: install data
 	$(BIN)/python benchmarks/bench_globalmp.py --threads $(THREADS)
 
-bench: bench-globalmp
+# One thread unless THREADS is given on the command line: it runs beside another benchmark on a two-core machine.
+bench-alds: THREADS = 1
+bench-alds: install data
+	$(BIN)/python benchmarks/bench_alds.py --threads $(THREADS)
+
+bench: bench-globalmp bench-alds
 
 clean:
 	rm -rf runs .pytest_cache
