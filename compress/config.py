@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from compress.errors import UsageError
@@ -109,16 +109,6 @@ class FinetuneConfig(ConfigBase):
         _check_range("distill_temperature", self.distill_temperature, 0.0, 100.0, low_open=True)
         if self.batch_size < 1:
             raise UsageError(f"batch_size = {self.batch_size} must be >= 1")
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunConfig(ConfigBase):
-    """What every run shares: data, seed, evaluation size."""
-
-    data: str = "fashion-mnist"
-    seed: int = 0
-    eval_batch_size: int = 512
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 RECIPE_KEYS = ("method", "model", "data", "seed", "config", "finetune")
