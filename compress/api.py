@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import random
 import shlex
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +24,21 @@ from torch import nn
 from compress import artifact, distributed
 from compress.config import ConfigBase, FinetuneConfig
 from compress.data import Splits, load_dataset
-from compress.errors import AuditError
+from compress.errors import AuditError, ExportError, UsageError
 from compress.finetune import Evaluation, default_device, evaluate, recalibrate_batchnorm, train
 from compress.measure import count_macs, count_params, measure_latency_pair, model_sizes
+from compress.measure.backends import LatencySettings, measure_backends
 from compress.measure.conditions import environment
 from compress.methods import METHODS, Context, Result, method_for_config
 from compress.methods.base import KEEP_TOLERANCE
 from compress.models import LoadedModel, load_model
 from compress.models.loader import baseline_paths
-from compress.report import render_markdown
+from compress.report import render_html, render_markdown
+from compress.ship import ExportSettings, export_all, export_failures, format_bytes
 
 SCHEMA_VERSION = 1
 CHECKPOINT_FILE = "finetune.ckpt"
+CALIBRATION_ITEMS = 256  # calibration items for int8 quantisation
 Progress = Callable[[str, int, int], None]
 
 
@@ -61,6 +68,8 @@ class RunOptions:
     latency_threads: int = 1
     latency_runs: int = 30
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on the calibration split after compressing
+    measure: LatencySettings | None = None  # every backend against the original, and bytes of every format
+    export: ExportSettings | None = None  # write and verify model.onnx (and .ort, int8) into the run
     command: str = field(default_factory=lambda: shlex.join(["compress", *sys.argv[1:]]))
 
 
@@ -95,12 +104,16 @@ def _task_row(before: Evaluation | None, after_compression: Evaluation | None,
             "after_compression": acc(after_compression), "after_finetune": acc(after_finetune)}
 
 
-def describe_model(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
-    """Params, MACs (dense and effective), FLOPs and bytes of one model."""
-    params, macs = count_params(model), count_macs(model, example)
-    return {"params_total": params.total, "params_nonzero": params.nonzero, "buffers": params.buffers,
-            "macs": macs.macs, "flops": macs.flops, "macs_effective": macs.macs_effective,
-            "bytes": model_sizes(model).bytes}
+def describe_model(model: nn.Module, example: torch.Tensor, *, cross_check: bool = False) -> dict[str, Any]:
+    """Params, MACs (dense and effective), FLOPs and bytes of one model; with `cross_check`, Torch-Pruning's
+    MAC count beside ours (a warning is raised when they disagree by more than 2%)."""
+    params, macs = count_params(model), count_macs(model, example, cross_check=cross_check)
+    described = {"params_total": params.total, "params_nonzero": params.nonzero, "buffers": params.buffers,
+                 "macs": macs.macs, "flops": macs.flops, "macs_effective": macs.macs_effective,
+                 "bytes": model_sizes(model).bytes}
+    if macs.cross_check is not None:
+        described["macs_cross_check"] = macs.cross_check
+    return described
 
 
 def audit(result: Result) -> list[str]:
@@ -200,9 +213,8 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     report.update(tasks={"classification": _task_row(before, after_compression, after_finetune)}, timings=timings,
                   bn_recalibration={"layers": recalibrated, "split": "calibration",
                                     "accuracy_before": None if raw is None else round(raw.accuracy, 4)})
-    if options.latency and distributed.current().is_main:
-        report["latency"] = [measure_latency_pair(model.cpu(), original.cpu(), example.cpu(), batch=1,
-                                                  threads=options.latency_threads, runs=options.latency_runs).to_dict()]
+    if distributed.current().is_main:
+        _measure_into(report, model.cpu(), original.cpu(), *_measurement_data(splits, None), options)
     problems = audit(result)
     report.update(audit={"ok": not problems, "problems": problems}, status="audit_failed" if problems else "ok",
                   exit_code=AuditError.exit_code if problems else 0)
@@ -210,11 +222,60 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     report["model"]["arch"] = arch
     manifest = _manifest(job.loaded, splits, options, source)
     artifact.save_model_files(job.run, model.cpu(), arch, manifest, result.masks)
+    failures = _export_into(report, job.run, model, splits, options)
     _write_reports(job.run, report, method_cfg, finetune_cfg, options)
     job.run.commit()
     if problems:
         raise _audit_failure(problems, report, options.out)
+    if failures:
+        raise ExportError(f"export verification failed: {failures[0]}; see {options.out / 'report.md'}", report)
     return report
+
+
+def _measure_into(report: dict[str, Any], candidate: nn.Module, baseline: nn.Module | None, inputs: torch.Tensor,
+                  calibration: torch.Tensor, options: RunOptions) -> None:
+    """The report's latency rows, and with `options.measure` every backend and the bytes of every format."""
+    example = inputs[:1]
+    if options.measure is None:
+        if options.latency and baseline is not None:
+            report["latency"] = [measure_latency_pair(candidate, baseline, example, batch=1,
+                                                      threads=options.latency_threads,
+                                                      runs=options.latency_runs).to_dict()]
+        return
+    with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
+        rows = measure_backends(candidate, baseline if baseline is not None else candidate, inputs, calibration,
+                                options.measure, Path(tmp))
+    report["latency"] = [row.to_dict() for row in rows]
+    if baseline is None:  # timed beside itself only to share the code path: no ratio to report
+        for row in report["latency"]:
+            row.update(baseline_p50_ms=None, baseline_p90_ms=None, speedup=None, speedup_spread=None)
+    for role, model in (("after", candidate), ("before", baseline)):
+        if model is not None:
+            report["model"][role]["bytes"].update(format_bytes(model, example, calibration))
+
+
+def _measurement_data(splits: Splits, input_shape: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test items to time and calibration items for int8, resized when another input size is asked for."""
+    inputs, calibration = splits.test.x[:64], splits.calibration.x[:CALIBRATION_ITEMS]
+    if input_shape is None or tuple(input_shape) == tuple(inputs.shape[1:]):
+        return inputs, calibration
+    if len(input_shape) != 3 or input_shape[0] != inputs.shape[1]:
+        raise UsageError(f"--input-shape {','.join(map(str, input_shape))} must be C,H,W with C = "
+                         f"{inputs.shape[1]}, the model's input channels")
+    resize = lambda x: torch.nn.functional.interpolate(x, size=tuple(input_shape[1:]), mode="bilinear")  # noqa: E731
+    return resize(inputs), resize(calibration)
+
+
+def _export_into(report: dict[str, Any], run: artifact.RunDir, model: nn.Module, splits: Splits,
+                 options: RunOptions) -> list[str]:
+    """Export and verify the model into the run directory; the problems found (exit 4 when any)."""
+    if options.export is None or not distributed.current().is_main:
+        return []
+    report["export"] = export_all(model, splits.test, splits.calibration, options.export, run.path("."))
+    failures = export_failures(report["export"])
+    if failures and not report.get("audit", {}).get("problems"):
+        report.update(status="export_failed", exit_code=ExportError.exit_code)
+    return failures
 
 
 def _run_key(source: ModelSource, method_cfg: ConfigBase | None, finetune_cfg: FinetuneConfig,
@@ -230,9 +291,9 @@ def _input_paths(source: ModelSource) -> tuple[Path, ...]:
     return tuple(Path(p) for p in (source.spec, source.weights) if p)
 
 
-def _base_report(options: RunOptions, method: str, cfg: ConfigBase, loaded: LoadedModel) -> dict[str, Any]:
+def _base_report(options: RunOptions, method: str, cfg: Any, loaded: LoadedModel) -> dict[str, Any]:
     return {"schema_version": SCHEMA_VERSION, "command": options.command, "method": method,
-            "config": cfg.to_dict(), "seed": options.seed, "env": environment(),
+            "config": cfg if isinstance(cfg, dict) else cfg.to_dict(), "seed": options.seed, "env": environment(),
             "model": {"source": loaded.source, "arch": loaded.arch}, "out": str(options.out)}
 
 
@@ -252,6 +313,7 @@ def _write_reports(run: artifact.RunDir, report: dict[str, Any], method_cfg: Con
     run.write("recipe.resolved.yaml", yaml.safe_dump(recipe, sort_keys=False))
     run.write("report.json", artifact.to_json(report))
     run.write("report.md", render_markdown(report))
+    run.write("report.html", render_html(report))
 
 
 def finetune(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, teacher: ModelSource | None = None,
@@ -306,6 +368,91 @@ def train_model(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, *
         weights.parent.mkdir(parents=True, exist_ok=True)
         artifact.write_atomic(weights, (out / artifact.WEIGHTS_FILE).read_bytes())
         artifact.write_atomic(manifest_path, artifact.to_json(manifest))
+    return report
+
+
+def _origin_of(loaded: LoadedModel) -> ModelSource | None:
+    """The model a compress run directory was made from, as its manifest records it (None for anything else)."""
+    manifest = loaded.manifest or {}
+    source = manifest.get("source")
+    if not Path(loaded.source).is_dir() or not source or source == loaded.source:
+        return None
+    weights = next((p for p in manifest.get("inputs", {}) if p != source and Path(p).is_file()), None)
+    # a built-in name loads its shipped weights only when no class count is given
+    classes = manifest.get("num_classes") if ":" in source else None
+    return ModelSource(spec=source, weights=weights, num_classes=classes)
+
+
+def _captured_warnings(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
+    """fn's result and the messages of the warnings it raised (they go into the report, not on stderr)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        result = fn()
+    return result, sorted({str(w.message) for w in caught if issubclass(w.category, UserWarning)})
+
+
+def measure(source: ModelSource, baseline: ModelSource | None, options: RunOptions,
+            settings: LatencySettings | None = None, *, input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """Measure a model, beside a baseline when there is one, and write the report into `options.out`.
+
+    Parameters (total, nonzero, buffers), MACs and FLOPs (cross-checked against Torch-Pruning's counter),
+    bytes of every format, and latency on every backend in `settings` (default: all this machine has, batch 1
+    and 32). Without `baseline`, a compress run is compared with the model its manifest names. Returns the report.
+    """
+    settings = settings or LatencySettings()
+    job = _prepare(source, options)
+    candidate = job.model.cpu().eval()
+    baseline = baseline or _origin_of(job.loaded)
+    reference = baseline.load().model.cpu().eval() if baseline is not None else None
+    inputs, calibration = _measurement_data(job.splits, input_shape)
+    report = _base_report(options, "measure", {"latency": dataclasses.asdict(settings),
+                                               "input_shape": list(inputs.shape[1:])}, job.loaded)
+    report["model"]["baseline_source"] = baseline.spec if baseline is not None else None
+    measured_options = dataclasses.replace(options, measure=settings)
+
+    def describe_all() -> None:
+        report["model"]["after"] = describe_model(candidate, inputs[:1], cross_check=True)
+        if reference is not None:
+            report["model"]["before"] = describe_model(reference, inputs[:1], cross_check=True)
+        _measure_into(report, candidate, reference, inputs, calibration, measured_options)
+
+    report["warnings"] = _captured_warnings(describe_all)[1]
+    report.update(status="ok", exit_code=0, layers=[], audit={"ok": True, "problems": []})
+    _write_reports(job.run, report, None, None, options)
+    job.run.commit()
+    return report
+
+
+def export_model(source: ModelSource, options: RunOptions, settings: ExportSettings) -> dict[str, Any]:
+    """Export a model to ONNX (and ORT format, int8 as asked) into `options.out`, verify each file against the
+    PyTorch model, and write the report. Raises `ExportError` (exit 4) after writing when a file does not match.
+    """
+    job = _prepare(source, options)
+    report = _base_report(options, "export", dataclasses.asdict(settings), job.loaded)
+    report["model"]["after"] = describe_model(job.model.cpu(), job.example.cpu())
+    report.update(status="ok", exit_code=0, layers=[], audit={"ok": True, "problems": []})
+    failures = _export_into(report, job.run, job.model.cpu(), job.splits,
+                            dataclasses.replace(options, export=settings))
+    _write_reports(job.run, report, None, None, options)
+    job.run.commit()
+    if failures:
+        raise ExportError(f"export verification failed: {failures[0]}; see {options.out / 'report.md'}", report)
+    return report
+
+
+def render_reports(run_dir: Path) -> dict[str, Any]:
+    """Re-render report.md and report.html of a run directory from its report.json; returns the report."""
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise UsageError(f"{run_dir} has no report.json; give the --out directory of a compress run")
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path} is not valid JSON ({exc}); rerun the command that wrote it") from None
+    if not isinstance(report, dict) or "schema_version" not in report:
+        raise UsageError(f"{path} is not a compress report (no schema_version); rerun the command that wrote it")
+    artifact.write_atomic(Path(run_dir) / "report.md", render_markdown(report))
+    artifact.write_atomic(Path(run_dir) / "report.html", render_html(report))
     return report
 
 

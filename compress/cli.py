@@ -49,7 +49,9 @@ class Session:
 
     def __init__(self, *, as_json: bool, quiet: bool, debug: bool) -> None:
         self.as_json, self.quiet, self.debug = as_json, quiet, debug
-        self.out = Console(no_color=bool(os.environ.get("NO_COLOR")) or None)
+        # a log or pipe gets rich's 80 columns, too narrow for the latency table
+        self.out = Console(no_color=bool(os.environ.get("NO_COLOR")) or None,
+                           width=None if sys.stdout.isatty() else 132)
         self.err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
 
     @property
@@ -174,6 +176,25 @@ def _method_config(ctx: typer.Context, chosen: str, recipe_config: dict[str, Any
     return config_type.from_dict(merged)
 
 
+ExportFormatOpt = Annotated[str | None, typer.Option("--export", help="Also write and verify model.onnx (onnx) or "
+                            "model.onnx + model.ort (ort) in the run directory.")]
+Int8Opt = Annotated[bool, typer.Option("--int8", help="Also an int8 static (QDQ) model calibrated on the data set, "
+                    "with its test accuracy.")]
+StaticOpt = Annotated[bool, typer.Option("--static-shapes", help="Fix every shape, batch 1 (NNAPI and CoreML want "
+                      "static shapes).")]
+
+
+def _export_settings(fmt: str | None, int8: bool, static_shapes: bool) -> Any:
+    """ExportSettings when --export is given; --int8 or --static-shapes without it is a usage error."""
+    from compress.ship import ExportSettings
+
+    if fmt is None:
+        if int8 or static_shapes:
+            raise UsageError("--int8 and --static-shapes apply to an export; add --export onnx or --export ort")
+        return None
+    return ExportSettings(format=fmt, int8=int8, static_shapes=static_shapes)
+
+
 class _PruneCommand(TyperCommand):
     """`prune` whose --method help lists the registry, imported only when help is shown."""
 
@@ -210,6 +231,9 @@ def prune(
                                                  "after compressing.")] = True,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (see recipes/); options given here override "
                                                 "it.")] = None,
+    export: ExportFormatOpt = None, int8: Int8Opt = False, static_shapes: StaticOpt = False,
+    measure: Annotated[bool, typer.Option("--measure", help="Time every backend (PyTorch, ONNX Runtime, mobile "
+                                          "proxy; batch 1 and 32) against the original and size every format.")] = False,
     model: ModelOpt = None, weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
     data: DataOpt = None, seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False,
     quiet: QuietOpt = False, debug: DebugOpt = False, threads: ThreadsOpt = None,
@@ -237,7 +261,9 @@ def prune(
         source = api.ModelSource(spec=pick["model"], weights=str(weights) if weights else None,
                                  num_classes=num_classes, trust_pickle=trust_pickle)
         options = api.RunOptions(out=_default_out("prune", out), data=pick["data"], seed=pick["seed"], force=force,
-                                 latency=latency, recalibrate_bn=bn_recalibrate)
+                                 latency=latency, recalibrate_bn=bn_recalibrate,
+                                 measure=api.LatencySettings() if measure else None,
+                                 export=_export_settings(export, int8, static_shapes))
         with session.progress() as progress:
             return api.prune(source, cfg, options, tune, progress)
 
@@ -306,6 +332,100 @@ def train(
         options = api.RunOptions(out=_default_out("train", out), data=data, seed=seed, force=force, latency=False)
         with session.progress() as progress:
             return api.train_model(source, cfg, options, install_baseline=install_baseline, progress=progress)
+
+    session.emit(session.run(go))
+
+
+@app.command()
+def measure(
+    model: Annotated[str, typer.Argument(help="Model to measure: a compress output directory or any --model spec.")],
+    baseline: Annotated[str | None, typer.Option(help="Model to compare with, timed interleaved in one process. "
+                                                 "Default: for a compress run, the model it was made from.")] = None,
+    backend: Annotated[list[str] | None, typer.Option(help="pytorch-cpu, pytorch-cuda, onnxruntime-cpu or "
+                                                      "mobile-proxy (repeat). Default: all this machine has.")] = None,
+    batch: Annotated[list[int] | None, typer.Option(help="Batch sizes (repeat). Default: 1 and 32.")] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs per backend and batch, after warm-up.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
+    input_shape: Annotated[str | None, typer.Option(help="C,H,W to measure at (e.g. 3,224,224); data are resized. "
+                                                    "Default: the data set's.")] = None,
+    weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
+    seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    debug: DebugOpt = False, threads: Annotated[int, typer.Option("--threads", help="Threads for PyTorch and ONNX "
+                                                                 "Runtime (the mobile proxy always uses 1).")] = 1,
+) -> None:
+    """Parameters, MACs, bytes of every format and latency on every backend, beside a baseline."""
+    session = Session(as_json=as_json, quiet=quiet, debug=debug)
+
+    def go() -> dict[str, Any]:
+        from compress import api
+
+        _set_threads(threads)
+        settings = api.LatencySettings(**({"backends": tuple(backend)} if backend else {}),
+                                       batches=tuple(batch or (1, 32)), threads=threads, runs=runs, warmup=warmup)
+        source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
+                                 trust_pickle=trust_pickle)
+        reference = api.ModelSource(spec=baseline, trust_pickle=trust_pickle) if baseline else None
+        options = api.RunOptions(out=_default_out("measure", out), data=data, seed=seed, force=force)
+        return api.measure(source, reference, options, settings, input_shape=_shape(input_shape))
+
+    report = session.run(go)
+    for warning in report.get("warnings", []):
+        session.err.print(f"warning: {warning}", highlight=False, soft_wrap=True)
+    session.emit(report)
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    """`3,224,224` as a tuple of ints."""
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r} must be C,H,W integers, e.g. 3,224,224") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise UsageError(f"--input-shape {text!r} must be three positive integers C,H,W, e.g. 3,224,224")
+    return shape
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Model to export: a compress output directory or any --model spec.")],
+    format: Annotated[str, typer.Option("--format", help="onnx, or ort (ORT format for mobile, with the "
+                                        "required-operators file).")] = "onnx",
+    int8: Int8Opt = False, static_shapes: StaticOpt = False,
+    weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
+    seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    debug: DebugOpt = False, threads: ThreadsOpt = None,
+) -> None:
+    """Export to ONNX or ORT format (optionally int8), verify it against PyTorch with ONNX Runtime (exit 4 when
+    it differs), and report coverage by the mobile execution providers."""
+    session = Session(as_json=as_json, quiet=quiet, debug=debug)
+
+    def go() -> dict[str, Any]:
+        from compress import api
+
+        _set_threads(threads)
+        settings = _export_settings(format, int8, static_shapes)
+        source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
+                                 trust_pickle=trust_pickle)
+        options = api.RunOptions(out=_default_out("export", out), data=data, seed=seed, force=force)
+        return api.export_model(source, options, settings)
+
+    session.emit(session.run(go))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A compress output directory holding report.json.")],
+    as_json: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Re-render report.md and report.html of a run from its report.json (written atomically)."""
+    session = Session(as_json=as_json, quiet=quiet, debug=debug)
+
+    def go() -> dict[str, Any]:
+        from compress import api
+
+        return api.render_reports(run_dir)
 
     session.emit(session.run(go))
 

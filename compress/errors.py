@@ -14,9 +14,13 @@ EXIT_CODES: dict[int, str] = {
 
 
 class CompressError(Exception):
-    """Base class: a one-line message that names the problem and the fix."""
+    """Base class: a one-line message that names the problem and the fix; `report` when a run was written."""
 
     exit_code = 1
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 class UsageError(CompressError):
@@ -47,7 +51,3 @@ class AuditError(CompressError):
     """The compression missed its target or a floor (exit 6); the run was written and `report` describes it."""
 
     exit_code = 6
-
-    def __init__(self, message: str, report: dict | None = None) -> None:
-        super().__init__(message)
-        self.report = report

@@ -40,3 +40,19 @@ class PickleBomb:
 
     def __reduce__(self):
         return (pathlib.Path.touch, (self.path,))
+
+
+class ExportMismatchCNN(TinyCNN):
+    """A TinyCNN whose exported graph adds 1.0 to every logit: the ONNX file does not match PyTorch on purpose."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        # traced into the ONNX graph only: eager PyTorch never sees the shift
+        return out + 1.0 if torch.onnx.is_in_onnx_export() else out
+
+
+def export_mismatch_cnn(num_classes: int = 10, seed: int = 0) -> ExportMismatchCNN:
+    """An ExportMismatchCNN with weights drawn from `seed` (1x8x8 inputs), leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ExportMismatchCNN(num_classes)

@@ -40,6 +40,49 @@ def test_resnet18_macs_match_torchvision():
     assert macs.per_layer["fc"] == 512 * 1000
 
 
+@pytest.mark.parametrize(("name", "published_gmacs"), [("mobilenet_v2", 0.301), ("vit_b_16", 17.564)])
+def test_macs_match_torchvision_published(name, published_gmacs):
+    model = getattr(torchvision.models, name)().eval()
+    macs = count_macs(model, torch.randn(IMAGENET), cross_check=True)
+    assert macs.macs == pytest.approx(published_gmacs * 1e9, rel=1e-3)
+    assert macs.cross_check["agrees"], macs.cross_check  # Torch-Pruning's counter, norms and activations left out
+
+
+def test_vit_counts_cpu_attention():
+    """The CPU attention kernel is counted: the stock counter alone misses QK^T and AV of every block."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = torchvision.models.vit_b_16().eval()
+    x = torch.randn(IMAGENET)
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as stock, torch.no_grad():
+            model(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    blocks, heads, tokens, head_dim = 12, 12, 197, 64
+    attention_macs = blocks * heads * 2 * tokens * tokens * head_dim
+    assert count_macs(model, x).macs - stock.get_total_flops() // 2 == attention_macs
+
+
+def test_cross_check_warns_when_counters_disagree():
+    """A weight used through a functional matmul is invisible to Torch-Pruning's module hooks."""
+
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.weight = nn.Parameter(torch.randn(8, 64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) @ self.weight
+
+    with pytest.warns(UserWarning, match="MAC counters disagree"):
+        macs = count_macs(Functional(), torch.randn(1, 8), cross_check=True)
+    assert macs.macs == 8 * 8 + 8 * 64
+    assert not macs.cross_check["agrees"]
+
+
 def test_macs_are_per_item_and_restore_mode():
     model = tiny_cnn().train()
     one = count_macs(model, torch.randn(1, 1, 8, 8))

@@ -42,4 +42,14 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "providers": _onnxruntime_providers(),
     }
+
+
+def _onnxruntime_providers() -> list[str]:
+    """ONNX Runtime's execution providers on this machine (empty when it is not installed)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return []
+    return list(onnxruntime.get_available_providers())

@@ -26,12 +26,13 @@ class LatencyPair:
     baseline_p90_ms: float
     speedup: float
     speedup_spread: tuple[float, float]  # 25th and 75th percentile of per-round ratios
+    proxy: bool = False  # a stand-in for another device (the mobile proxy), labelled so wherever shown
 
     def to_dict(self) -> dict:
         return {"backend": self.backend, "batch": self.batch, "threads": self.threads, "runs": self.runs,
                 "p50_ms": self.p50_ms, "p90_ms": self.p90_ms, "baseline_p50_ms": self.baseline_p50_ms,
                 "baseline_p90_ms": self.baseline_p90_ms, "speedup": self.speedup,
-                "speedup_spread": list(self.speedup_spread)}
+                "speedup_spread": list(self.speedup_spread), "proxy": self.proxy}
 
 
 @contextmanager
@@ -67,13 +68,14 @@ def interleaved_times(candidate: Callable[[], object], baseline: Callable[[], ob
     return cand, base
 
 
-def summarise_pair(backend: str, batch: int, threads: int, cand: list[float], base: list[float]) -> LatencyPair:
+def summarise_pair(backend: str, batch: int, threads: int, cand: list[float], base: list[float], *,
+                   proxy: bool = False) -> LatencyPair:
     """Medians, p90s and the per-round speed-up ratios of two interleaved series."""
     ratios = [b / c for b, c in zip(base, cand)]
     return LatencyPair(backend, batch, threads, len(cand), 1e3 * statistics.median(cand), 1e3 * _percentile(cand, 0.9),
                        1e3 * statistics.median(base), 1e3 * _percentile(base, 0.9),
                        statistics.median(base) / statistics.median(cand),
-                       (_percentile(ratios, 0.25), _percentile(ratios, 0.75)))
+                       (_percentile(ratios, 0.25), _percentile(ratios, 0.75)), proxy)
 
 
 def measure_latency_pair(candidate: nn.Module, baseline: nn.Module, example: torch.Tensor, *, batch: int = 1,

@@ -48,17 +48,30 @@ def task_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
              num(t.get("after_finetune"))) for name, t in report.get("tasks", {}).items()]
 
 
+def backend_label(row: dict[str, Any]) -> str:
+    """The backend's name, marked "(proxy)" when it stands in for another device."""
+    proxy = row.get("proxy") or row.get("backend") == "mobile-proxy"
+    return f"{row['backend']} (proxy)" if proxy and "(proxy)" not in row["backend"] else row["backend"]
+
+
+def _speedup(row: dict[str, Any]) -> str:
+    if row.get("speedup") is None:
+        return "-"
+    low, high = row["speedup_spread"]
+    return f"{row['speedup']:.2f}x [{low:.2f}, {high:.2f}]"
+
+
 def latency_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     """(backend, batch, threads, runs, p50, p90, baseline p50, speed-up [spread]) rows."""
-    return [(r["backend"], str(r["batch"]), str(r["threads"]), str(r["runs"]), f"{r['p50_ms']:.3f}",
-             f"{r['p90_ms']:.3f}", f"{r['baseline_p50_ms']:.3f}",
-             f"{r['speedup']:.2f}x [{r['speedup_spread'][0]:.2f}, {r['speedup_spread'][1]:.2f}]")
-            for r in report.get("latency", [])]
+    return [(backend_label(r), str(r["batch"]), str(r["threads"]), str(r["runs"]), num(r["p50_ms"], 3),
+             num(r["p90_ms"], 3), num(r.get("baseline_p50_ms"), 3), _speedup(r)) for r in report.get("latency", [])]
 
 
 PRUNING_COLUMNS = ("name", "kind", "shape", "weights", "kept", "sparsity", "floor", "floor hit")
 LOWRANK_COLUMNS = ("name", "kind", "shape", "groups k", "rank j", "params before", "params after", "MACs after/before",
                    "ε bound", "error (spectral)", "error (Frobenius)")
+CHANNEL_COLUMNS = ("name", "kind", "shape before", "shape after", "channels before", "channels after", "kept",
+                   "params before", "params after")
 
 
 def _shape(shape: list) -> str:
@@ -68,19 +81,39 @@ def _shape(shape: list) -> str:
     return "x".join(map(str, shape))
 
 
+def layer_kind(report: dict[str, Any]) -> str:
+    """`pruning`, `lowrank`, `channels` or `` by the keys the per-layer rows carry."""
+    layers = report.get("layers") or []
+    for kind, key in (("pruning", "weights"), ("lowrank", "rank"), ("channels", "channels_before")):
+        if any(key in row for row in layers):
+            return kind
+    return ""
+
+
 def layer_table(report: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
-    """Per-layer audit: the pruning columns (GlobalMP) or the low-rank columns (ALDS, SVD)."""
-    layers = report.get("layers", [])
-    if any("weights" in row for row in layers):
+    """Per-layer audit: the pruning columns (GlobalMP), the low-rank columns (ALDS, SVD) or the channel columns."""
+    layers, kind = report.get("layers") or [], layer_kind(report)
+    if kind == "pruning":
         return PRUNING_COLUMNS, [(row["name"], row["kind"], _shape(row["shape_before"]), num(row["weights"]),
                                   num(row["kept"]), pct(row["sparsity"]), num(row["floor"]),
                                   "yes" if row["floor_hit"] else "") for row in layers if "weights" in row]
-    if any("rank" in row for row in layers):
+    if kind == "lowrank":
         return LOWRANK_COLUMNS, [(row["name"], row["kind"], _shape(row["shape_after"]), num(row["groups"]),
                                   num(row["rank"]), num(row["params_before"]), num(row["params_after"]),
                                   ratio(row["macs_after"], row["macs_before"]), num(row["eps_bound"], 4),
                                   num(row["err_spectral"], 4), num(row["err_frobenius"], 4)) for row in layers]
+    if kind == "channels":
+        return CHANNEL_COLUMNS, [(row["name"], row.get("kind", ""), _shape(row.get("shape_before", [])),
+                                  _shape(row.get("shape_after", [])), num(row["channels_before"]),
+                                  num(row["channels_after"]), ratio(row["channels_after"], row["channels_before"]),
+                                  num(row.get("params_before")), num(row.get("params_after")))
+                                 for row in layers if "channels_before" in row]
     return (), []
+
+
+def bytes_label(value: int | None) -> str:
+    """`1,247,688 B`: bytes, never an unlabelled MB."""
+    return "-" if value is None else f"{value:,} B"
 
 
 def budget_line(report: dict[str, Any]) -> str | None:
@@ -93,3 +126,28 @@ def budget_line(report: dict[str, Any]) -> str | None:
         k = report["keep"]
         return f"kept of {k['counted_over']}: requested {pct(k['requested'], 3)}, achieved {pct(k['achieved'], 3)}"
     return None
+
+
+def export_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """(format, file, bytes, verified, max abs error, cosine, top-1 agreement, test accuracy) rows."""
+    rows = []
+    for fmt, entry in report.get("export", {}).items():
+        parity = entry.get("parity", {})
+        rows.append((fmt, entry.get("path", "-"), num(entry.get("bytes")), "ok" if entry.get("ok") else "FAILED",
+                     f"{parity['max_abs']:.3g}" if parity.get("max_abs") is not None else "-",
+                     num(parity.get("cosine"), 6), pct(parity.get("top1_agreement")), num(entry.get("test_accuracy"))))
+    return rows
+
+
+def mobile_lines(report: dict[str, Any]) -> list[str]:
+    """One line per mobile execution provider: nodes it could run, and in how many partitions."""
+    usability = report.get("export", {}).get("onnx", {}).get("mobile_usability") or {}
+    lines = []
+    for provider, info in usability.items():
+        if isinstance(info, dict) and "supported_nodes" in info:
+            fixed = info.get("recommendation_if_fixed_shapes")
+            lines.append(f"{provider}: {info['supported_nodes']} of {info['total_nodes']} nodes supported in "
+                         f"{info.get('partitions', '-')} partition(s), recommendation {info.get('recommendation')}"
+                         + (f" ({fixed} with static shapes)" if fixed and fixed != info.get("recommendation") else ""))
+    return lines
+

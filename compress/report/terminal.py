@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from compress.report.format import budget_line, latency_rows, layer_table, model_rows, task_rows
+from compress.report.format import budget_line, export_rows, latency_rows, layer_table, model_rows, task_rows
 
 MAX_LAYER_ROWS = 40
 
@@ -28,12 +28,16 @@ def print_summary(report: dict[str, Any], console: Console, *, layers: bool = Tr
         shown = rows if len(rows) <= MAX_LAYER_ROWS else rows[:MAX_LAYER_ROWS]
         console.print(_table("Layers" + ("" if shown is rows else f" (first {MAX_LAYER_ROWS} of {len(rows)})"),
                              columns, shown))
-    console.print(_table("Accuracy", ("task", "metric", "before", "after compression", "after fine-tuning"),
-                         task_rows(report)))
+    if report.get("tasks"):
+        console.print(_table("Accuracy", ("task", "metric", "before", "after compression", "after fine-tuning"),
+                             task_rows(report)))
     console.print(_table("Size and cost", ("quantity", "before", "after", "after/before"), model_rows(report)))
     if report.get("latency"):
         console.print(_table("Latency (interleaved with the original)", ("backend", "batch", "threads", "runs",
                              "p50 ms", "p90 ms", "original p50 ms", "speed-up [p25, p75]"), latency_rows(report)))
+    if report.get("export"):
+        console.print(_table("Export (checked against PyTorch)", ("format", "file", "bytes", "verified", "max abs",
+                             "cosine", "top-1 agreement", "test accuracy"), export_rows(report)))
     budget = budget_line(report)
     if budget:
         console.print(budget)
