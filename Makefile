@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 THREADS ?= 2
 
-.PHONY: help install data demo test test-fast baseline bench bench-globalmp bench-alds clean
+.PHONY: help install data browser demo test test-fast baseline bench bench-globalmp bench-alds bench-latency \
+	screenshot clean
 
 help:
 	@echo "make demo            set up, then prune the built-in model to 90% sparsity with one epoch of fine-tuning"
@@ -14,6 +15,8 @@ help:
 	@echo "make test-fast       the tests without the slow marker"
 	@echo "make baseline        retrain the shipped built-in baseline"
 	@echo "make bench           every benchmark, results under reports/"
+	@echo "make bench-latency   MACs ratio against measured speed-up on every backend -> reports/latency.md"
+	@echo "make screenshot      a real run's report.html in headless chromium -> reports/report-html.png"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,7 +59,20 @@ bench-alds: THREADS = 1
 bench-alds: install data
 	$(BIN)/python benchmarks/bench_alds.py --threads $(THREADS)
 
-bench: bench-globalmp bench-alds
+bench-latency: install data
+	$(BIN)/python benchmarks/bench_latency.py --threads 1
+
+# Debian's chromium renders report.html headless; installed here when root (the tests skip without it).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q chromium >/dev/null; } || \
+		{ echo "chromium is missing: run 'sudo apt-get install chromium'"; exit 1; }
+
+screenshot: install data browser
+	$(BIN)/compress prune --sparsity 0.9 --finetune-epochs 1 --export onnx --int8 --measure --threads $(THREADS) \
+		--out runs/screenshot --force --quiet
+	$(BIN)/python benchmarks/screenshot_report.py runs/screenshot/report.html reports/report-html.png --height 3600
+
+bench: bench-globalmp bench-alds bench-latency
 
 clean:
 	rm -rf runs .pytest_cache

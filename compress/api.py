@@ -214,7 +214,8 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
                   bn_recalibration={"layers": recalibrated, "split": "calibration",
                                     "accuracy_before": None if raw is None else round(raw.accuracy, 4)})
     if distributed.current().is_main:
-        _measure_into(report, model.cpu(), original.cpu(), *_measurement_data(splits, None), options)
+        shape = options.measure.input_shape if options.measure else None
+        _measure_into(report, model.cpu(), original.cpu(), *_measurement_data(splits, shape), options)
     problems = audit(result)
     report.update(audit={"ok": not problems, "problems": problems}, status="audit_failed" if problems else "ok",
                   exit_code=AuditError.exit_code if problems else 0)
@@ -392,7 +393,7 @@ def _captured_warnings(fn: Callable[[], Any]) -> tuple[Any, list[str]]:
 
 
 def measure(source: ModelSource, baseline: ModelSource | None, options: RunOptions,
-            settings: LatencySettings | None = None, *, input_shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+            settings: LatencySettings | None = None) -> dict[str, Any]:
     """Measure a model, beside a baseline when there is one, and write the report into `options.out`.
 
     Parameters (total, nonzero, buffers), MACs and FLOPs (cross-checked against Torch-Pruning's counter),
@@ -404,9 +405,9 @@ def measure(source: ModelSource, baseline: ModelSource | None, options: RunOptio
     candidate = job.model.cpu().eval()
     baseline = baseline or _origin_of(job.loaded)
     reference = baseline.load().model.cpu().eval() if baseline is not None else None
-    inputs, calibration = _measurement_data(job.splits, input_shape)
-    report = _base_report(options, "measure", {"latency": dataclasses.asdict(settings),
-                                               "input_shape": list(inputs.shape[1:])}, job.loaded)
+    inputs, calibration = _measurement_data(job.splits, settings.input_shape)
+    report = _base_report(options, "measure", dataclasses.asdict(settings), job.loaded)
+    report["input_shape"] = list(inputs.shape[1:])
     report["model"]["baseline_source"] = baseline.spec if baseline is not None else None
     measured_options = dataclasses.replace(options, measure=settings)
 

@@ -135,7 +135,7 @@ def _split_patterns(values: list[str] | None) -> tuple[str, ...]:
 
 METHOD_OPTIONS = {"sparsity": "sparsity", "min_threshold": "min_threshold", "min_keep": "min_keep",
                   "include": "include", "exclude": "exclude", "schedule": "schedule", "keep": "keep",
-                  "macs_keep": "macs_keep"}
+                  "macs_keep": "macs_keep", "min_group_channels": "min_group_channels"}
 FINETUNE_OPTIONS = {"finetune_epochs": "epochs", "optimizer": "optimizer", "lr": "lr", "distill": "distill"}
 
 
@@ -216,6 +216,8 @@ def prune(
                                         "parameters to keep.")] = 0.5,
     macs_keep: Annotated[float | None, typer.Option(help="Low-rank methods: fraction of MACs to keep instead of "
                                                     "--keep.")] = None,
+    min_group_channels: Annotated[int, typer.Option(help="ALDS: input channels each group keeps at least "
+                                                    "(e.g. 16 for speed on dense runtimes; 1: any k).")] = 1,
     min_threshold: Annotated[float, typer.Option(help="Floor: percent of all prunable weights every layer keeps "
                                                  "(the paper's MT, e.g. 0.05).")] = 0.0,
     min_keep: Annotated[float, typer.Option(help="Floor: fraction of its own weights every layer keeps.")] = 0.0,
@@ -361,12 +363,13 @@ def measure(
 
         _set_threads(threads)
         settings = api.LatencySettings(**({"backends": tuple(backend)} if backend else {}),
-                                       batches=tuple(batch or (1, 32)), threads=threads, runs=runs, warmup=warmup)
+                                       batches=tuple(batch or (1, 32)), threads=threads, runs=runs, warmup=warmup,
+                                       input_shape=_shape(input_shape))
         source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
                                  trust_pickle=trust_pickle)
         reference = api.ModelSource(spec=baseline, trust_pickle=trust_pickle) if baseline else None
         options = api.RunOptions(out=_default_out("measure", out), data=data, seed=seed, force=force)
-        return api.measure(source, reference, options, settings, input_shape=_shape(input_shape))
+        return api.measure(source, reference, options, settings)
 
     report = session.run(go)
     for warning in report.get("warnings", []):

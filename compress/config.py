@@ -151,6 +151,9 @@ class ALDSConfig(ConfigBase):
     keep: float = 0.5            # fraction of ALL parameters kept (norms, biases, untouched layers included)
     macs_keep: float | None = None  # when given: the budget is this fraction of MACs instead of parameters
     groups: tuple[int, ...] = ()   # candidate k per layer (used where k divides the input channels); empty: all
+    # k only where each group keeps at least this many input channels: narrow groups cut MACs but run slowly on
+    # dense runtimes (ONNX Runtime, mobile); 1 allows every divisor, as the paper does
+    min_group_channels: int = 1
     seeds: int = 15              # starting points of the k search: k nearest 3, 5, 7, 9, then random divisors
     rounds: int = 4              # k re-assignment rounds per seed
     include: tuple[str, ...] = ()  # module-name patterns to decompose; empty: every Conv2d/Linear
@@ -161,6 +164,8 @@ class ALDSConfig(ConfigBase):
         for k in self.groups:
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise UsageError(f"groups = {list(self.groups)} must hold integers >= 1 (candidate channel groups k)")
+        if self.min_group_channels < 1:
+            raise UsageError(f"min_group_channels = {self.min_group_channels} must be >= 1 (1 allows every k)")
         if self.seeds < 1:
             raise UsageError(f"seeds = {self.seeds} must be >= 1")
         if self.rounds < 0:

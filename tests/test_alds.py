@@ -656,3 +656,17 @@ def test_alds_composes_with_physical_channel_pruning():
     assert abs(after - 0.5 * before) <= KEEP_TOLERANCE * 0.5 * before
     assert result.summary["layers_decomposed"] > 0
     assert model(example).shape == (1, 10)
+
+
+def test_min_group_channels_keeps_groups_wide():
+    """--min-group-channels w: every chosen k leaves at least w input channels per group (k = 1 always allowed)."""
+    model = digits_cnn()
+    cfg = ALDSConfig(keep=0.4, min_group_channels=8)
+    result = METHODS["alds"].apply(model, cfg, Context(torch.randn(1, 1, 8, 8)))
+    decomposed = [row for row in result.layers if row["decomposed"]]
+    assert decomposed
+    for row in decomposed:
+        channels = row["shape_before"][1]
+        assert row["groups"] == 1 or channels // row["groups"] >= 8, row
+    with pytest.raises(UsageError, match="min_group_channels"):
+        ALDSConfig(min_group_channels=0)

@@ -278,8 +278,13 @@ def divisors(n: int) -> list[int]:
 
 
 def find_candidates(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...],
-                    groups: tuple[int, ...] = ()) -> tuple[list[Candidate], list[dict[str, str]]]:
-    """Conv2d (groups = 1) and Linear layers selected by the patterns; grouped convolutions are listed as skipped."""
+                    groups: tuple[int, ...] = (), min_group_channels: int = 1,
+                    ) -> tuple[list[Candidate], list[dict[str, str]]]:
+    """Conv2d (groups = 1) and Linear layers selected by the patterns; grouped convolutions are listed as skipped.
+
+    Each candidate's k are the divisors of its input channels that are in `groups` (when given) and leave at
+    least `min_group_channels` channels per group; k = 1 is always allowed.
+    """
     found, skipped = [], []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d | nn.Linear):
@@ -296,7 +301,8 @@ def find_candidates(model: nn.Module, include: tuple[str, ...], exclude: tuple[s
         else:
             cand = Candidate(name, module, module.out_features, module.in_features, 1)
         allowed = set(groups) | {1} if groups else None
-        cand.ks = [k for k in divisors(cand.c) if allowed is None or k in allowed]
+        cand.ks = [k for k in divisors(cand.c) if (allowed is None or k in allowed)
+                   and (k == 1 or cand.c // k >= min_group_channels)]
         found.append(cand)
     if not found:
         raise UsageError("no Conv2d/Linear layers to decompose match --include/--exclude; loosen the patterns")
@@ -608,7 +614,8 @@ def _summary(method: str, model: nn.Module, example: torch.Tensor, allocation: A
 
 
 def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups: tuple[int, ...] = ()):
-    candidates, skipped = find_candidates(model, cfg.include, cfg.exclude, groups)
+    candidates, skipped = find_candidates(model, cfg.include, cfg.exclude, groups,
+                                          getattr(cfg, "min_group_channels", 1))
     example = ctx.example_inputs
     budget = make_budget(model, candidates, example, cfg.keep, cfg.macs_keep)
     params_before = sum(p.numel() for p in model.parameters())
