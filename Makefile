@@ -7,15 +7,16 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 THREADS ?= 2
 
 .PHONY: help install data browser demo test test-fast baseline bench bench-globalmp bench-alds bench-latency \
-	screenshot clean
+	bench-pagcp baseline-mtnet screenshot clean
 
 help:
 	@echo "make demo            set up, then prune the built-in model to 90% sparsity with one epoch of fine-tuning"
 	@echo "make test            set up, then run every test (slow ones included)"
 	@echo "make test-fast       the tests without the slow marker"
-	@echo "make baseline        retrain the shipped built-in baseline"
+	@echo "make baseline        retrain the shipped built-in classifier (baseline-mtnet: the multitask model)"
 	@echo "make bench           every benchmark, results under reports/"
 	@echo "make bench-latency   MACs ratio against measured speed-up on every backend -> reports/latency.md"
+	@echo "make bench-pagcp     PAGCP against Torch-Pruning's channel pruning on the multitask model"
 	@echo "make screenshot      a real run's report.html in headless chromium -> reports/report-html.png"
 
 $(BIN)/python:
@@ -51,6 +52,11 @@ baseline: install data
 	$(BIN)/compress train --model rescnn --data fashion-mnist --epochs 10 --lr 0.1 --seed 0 \
 		--threads $(THREADS) --out runs/baseline-rescnn --force --install-baseline
 
+# The built-in multitask model (class, mask and position on a 56x56 Fashion-MNIST canvas): about 7-10 min per epoch.
+baseline-mtnet: install data
+	$(BIN)/compress train --model mtnet --data fashion-mnist-canvas --epochs 4 --lr 0.05 --seed 0 \
+		--threads $(THREADS) --out runs/baseline-mtnet --force --install-baseline
+
 bench-globalmp: install data
 	$(BIN)/python benchmarks/bench_globalmp.py --threads $(THREADS)
 
@@ -72,7 +78,10 @@ screenshot: install data browser
 		--out runs/screenshot --force --quiet
 	$(BIN)/python benchmarks/screenshot_report.py runs/screenshot/report.html reports/report-html.png --height 3600
 
-bench: bench-globalmp bench-alds bench-latency
+bench-pagcp: install data
+	$(BIN)/python benchmarks/bench_pagcp.py --threads $(THREADS)
+
+bench: bench-globalmp bench-alds bench-latency bench-pagcp
 
 clean:
 	rm -rf runs .pytest_cache

@@ -35,6 +35,7 @@ from compress.models import LoadedModel, load_model
 from compress.models.loader import baseline_paths
 from compress.report import render_html, render_markdown
 from compress.ship import ExportSettings, export_all, export_failures, format_bytes
+from compress.tasks import Tasks, is_multitask
 
 SCHEMA_VERSION = 1
 CHECKPOINT_FILE = "finetune.ckpt"
@@ -104,6 +105,20 @@ def _task_row(before: Evaluation | None, after_compression: Evaluation | None,
             "after_compression": acc(after_compression), "after_finetune": acc(after_finetune)}
 
 
+def _task_rows(tasks: Tasks, before: Evaluation | None, after_compression: Evaluation | None,
+               after_finetune: Evaluation | None) -> dict[str, dict[str, Any]]:
+    """The report's `tasks` section: one row per task (the classification row alone for a classifier)."""
+    if not is_multitask(tasks):
+        return {"classification": _task_row(before, after_compression, after_finetune)}
+
+    def value(e: Evaluation | None, name: str) -> float | None:
+        return None if e is None or name not in e.metrics else round(e.metrics[name], 4)
+
+    return {t.name: {"metric": t.metric, "higher_is_better": t.higher_is_better, "split": "test",
+                     "before": value(before, t.name), "after_compression": value(after_compression, t.name),
+                     "after_finetune": value(after_finetune, t.name)} for t in tasks}
+
+
 def describe_model(model: nn.Module, example: torch.Tensor, *, cross_check: bool = False) -> dict[str, Any]:
     """Params, MACs (dense and effective), FLOPs and bytes of one model; with `cross_check`, Torch-Pruning's
     MAC count beside ours (a warning is raised when they disagree by more than 2%)."""
@@ -129,6 +144,10 @@ def audit(result: Result) -> list[str]:
             problems.append(f"kept {achieved:.6f} of {summary.get('keep_counted_over', 'the budget')}, requested "
                             f"{requested} (off by more than {KEEP_TOLERANCE:.1%}; on small layers one rank step can be "
                             "larger than that: change the keep ratio slightly)")
+    if summary.get("target_met") is False:
+        problems.append(f"kept {summary['macs_keep']:.4f} of MACs, target {summary['macs_target']} (tolerance "
+                        f"{summary['macs_tolerance']}): even the most permissive search did not reach it; raise "
+                        "--macs-target, or fine-tune and prune again")
     for layer in result.layers:
         if layer.get("kept", 1) < layer.get("floor", 0):
             problems.append(f"layer {layer['name']} keeps {layer['kept']} weights, below its floor {layer['floor']}")
@@ -195,7 +214,8 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     before = evaluate(model, splits.test)
     spec = method_for_config(method_cfg)
     started = time.perf_counter()
-    result = spec.apply(model, method_cfg, Context(example, splits, example.device, options.seed, progress))
+    result = spec.apply(model, method_cfg, Context(example, splits, example.device, options.seed, progress,
+                                                   tasks=splits.tasks))
     timings = {"compress_seconds": round(time.perf_counter() - started, 4)}
     raw = evaluate(model, splits.test) if options.recalibrate_bn else None
     recalibrated = recalibrate_batchnorm(model, splits.calibration) if options.recalibrate_bn else 0
@@ -210,7 +230,7 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
         result = result.refresh() if result.refresh is not None else result
     report.update(_base_report(options, spec.name, method_cfg, job.loaded), **_result_sections(result))
     report["model"].update(before=describe_model(original, example), after=describe_model(model, example))
-    report.update(tasks={"classification": _task_row(before, after_compression, after_finetune)}, timings=timings,
+    report.update(tasks=_task_rows(splits.tasks, before, after_compression, after_finetune), timings=timings,
                   bn_recalibration={"layers": recalibrated, "split": "calibration",
                                     "accuracy_before": None if raw is None else round(raw.accuracy, 4)})
     if distributed.current().is_main:
@@ -334,7 +354,7 @@ def finetune(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, teac
     after = evaluate(model, splits.test)
     report.update(_base_report(options, "finetune", cfg, job.loaded))
     report["model"].update(before=describe_model(original, example), after=describe_model(model.cpu(), example))
-    report["tasks"] = {"classification": _task_row(before, None, after)}
+    report["tasks"] = _task_rows(splits.tasks, before, None, after)
     report.update(status="ok", exit_code=0, layers=[], audit={"ok": True, "problems": []})
     artifact.save_model_files(job.run, model.cpu(), job.loaded.arch, _manifest(job.loaded, splits, options, source),
                               masks)
@@ -354,13 +374,16 @@ def train_model(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, *
     calibration = evaluate(model, splits.calibration)
     report = _base_report(options, "train", cfg, loaded)
     report["model"].update(after=describe_model(model.cpu(), splits.test.x[:1]))
-    report["tasks"] = {"classification": _task_row(None, None, test)}
+    report["tasks"] = _task_rows(splits.tasks, None, None, test)
     report.update(status="ok", exit_code=0, layers=[], audit={"ok": True, "problems": []},
                   finetune={"config": cfg.to_dict(), "epochs": log.epochs,
                             "epoch_losses": [round(v, 5) for v in log.epoch_losses]})
     manifest = _manifest(loaded, splits, options, source)
     manifest.update(recipe=cfg.to_dict(), test_accuracy=round(test.accuracy, 4),
                     calibration_accuracy=round(calibration.accuracy, 4), arch=loaded.arch)
+    if is_multitask(splits.tasks):
+        manifest.update(test_metrics={k: round(v, 4) for k, v in test.metrics.items()},
+                        calibration_metrics={k: round(v, 4) for k, v in calibration.metrics.items()})
     manifest = artifact.save_model_files(run, model.cpu(), loaded.arch, manifest)
     _write_reports(run, report, None, cfg, options)
     out = run.commit()
@@ -455,6 +478,28 @@ def render_reports(run_dir: Path) -> dict[str, Any]:
     artifact.write_atomic(Path(run_dir) / "report.md", render_markdown(report))
     artifact.write_atomic(Path(run_dir) / "report.html", render_html(report))
     return report
+
+
+def plan(source: ModelSource, method_cfg: ConfigBase, options: RunOptions) -> dict[str, Any]:
+    """`--dry-run`: what a channel-pruning method would work on (units, heads, ignored), before any probing.
+
+    Loads the model and its data like `prune` but writes nothing (the --out directory is not claimed).
+    """
+    from compress.config import PAGCPConfig
+    from compress.methods import pagcp
+
+    if not isinstance(method_cfg, PAGCPConfig):
+        raise UsageError(f"--dry-run lists channel-pruning units; it applies to --method pagcp, not "
+                         f"{method_for_config(method_cfg).name}")
+    seed_everything(options.seed)
+    loaded = source.load()
+    splits = load_data_for(loaded, options.data, options.seed)
+    model = loaded.model.cpu().eval()
+    listing = pagcp.plan(model, method_cfg, Context(splits.test.x[:1], splits, tasks=splits.tasks))
+    return {"schema_version": SCHEMA_VERSION, "status": "ok", "exit_code": 0, "command": options.command,
+            "method": "pagcp", "dry_run": True, "config": method_cfg.to_dict(),
+            "model": {"source": loaded.source}, "data": splits.name,
+            "tasks": [t.to_dict() for t in splits.tasks], **listing}
 
 
 def method_names() -> list[str]:

@@ -33,7 +33,8 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Built-in na
 WeightsOpt = Annotated[Path | None, typer.Option(help="Weights file (.safetensors or a .pt state dict).")]
 ClassesOpt = Annotated[int | None, typer.Option("--num-classes", help="Classes of the model's head.")]
 TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow unpickling code from checkpoints (unsafe).")]
-DataOpt = Annotated[str | None, typer.Option(help="fashion-mnist, digits or folder:PATH. Default: the model's own.")]
+DataOpt = Annotated[str | None, typer.Option(help="fashion-mnist, digits, fashion-mnist-canvas, digits-canvas (multitask) "
+                   "or folder:PATH. Default: the model's own.")]
 SeedOpt = Annotated[int, typer.Option(help="Seeds torch, NumPy and Python.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (refused if it exists "
                    "unless --force). Default: runs/<command>-<time>.")]
@@ -135,7 +136,9 @@ def _split_patterns(values: list[str] | None) -> tuple[str, ...]:
 
 METHOD_OPTIONS = {"sparsity": "sparsity", "min_threshold": "min_threshold", "min_keep": "min_keep",
                   "include": "include", "exclude": "exclude", "schedule": "schedule", "keep": "keep",
-                  "macs_keep": "macs_keep", "min_group_channels": "min_group_channels"}
+                  "macs_keep": "macs_keep", "min_group_channels": "min_group_channels", "delta0": "delta0",
+                  "tau": "tau", "top_p": "top_p", "exp": "exp", "macs_target": "macs_target", "round_to": "round_to",
+                  "ignore": "ignore"}
 FINETUNE_OPTIONS = {"finetune_epochs": "epochs", "optimizer": "optimizer", "lr": "lr", "distill": "distill"}
 
 
@@ -224,6 +227,22 @@ def prune(
     include: Annotated[list[str] | None, typer.Option(help="Prune only modules matching (glob or re:REGEX).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Never prune modules matching (glob or re:REGEX).")] = None,
     schedule: Annotated[str, typer.Option(help="oneshot, or gradual (cubic, during fine-tuning).")] = "oneshot",
+    delta0: Annotated[float, typer.Option(help="PAGCP: allowed relative rise of each task's calibration loss for "
+                                          "the first unit.")] = 0.05,
+    tau: Annotated[float, typer.Option(help="PAGCP: bound on each task's final calibration loss, as a multiple of "
+                                       "the original.")] = 5.0,
+    top_p: Annotated[float, typer.Option(help="PAGCP: share of units whose pruning is kept (smallest loss rise per "
+                                         "MAC removed).")] = 1.0,
+    exp: Annotated[bool, typer.Option("--exp/--no-exp", help="PAGCP: geometric schedule of the allowed rise "
+                                      "(lambda from delta0, tau and the unit count).")] = False,
+    macs_target: Annotated[float | None, typer.Option(help="PAGCP: fraction of the original MACs to keep; the search "
+                                                      "rescales delta0 and tau until it is met.")] = None,
+    round_to: Annotated[int, typer.Option(help="PAGCP: kept channel counts rounded up to multiples of this.")] = 1,
+    ignore: Annotated[list[str] | None, typer.Option(help="PAGCP: never prune the output channels of modules "
+                                                     "matching (glob or re:REGEX); task heads are left alone "
+                                                     "anyway.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="PAGCP: list the units (channels, coupled members) and "
+                                          "what is left alone, then exit without probing or writing a run.")] = False,
     finetune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning after pruning.")] = 0,
     optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.03,
@@ -243,7 +262,7 @@ def prune(
     """Compress a model, optionally fine-tune it, measure it against the original, and save the run."""
     session = Session(as_json=as_json, quiet=quiet, debug=debug)
     values = dict(locals())
-    values.update(include=_split_patterns(include), exclude=_split_patterns(exclude))
+    values.update(include=_split_patterns(include), exclude=_split_patterns(exclude), ignore=_split_patterns(ignore))
 
     def go() -> dict[str, Any]:
         from compress import api
@@ -262,6 +281,9 @@ def prune(
                 for key in ("model", "data", "seed")}
         source = api.ModelSource(spec=pick["model"], weights=str(weights) if weights else None,
                                  num_classes=num_classes, trust_pickle=trust_pickle)
+        if dry_run:
+            return api.plan(source, cfg, api.RunOptions(out=_default_out("prune", out), data=pick["data"],
+                                                        seed=pick["seed"]))
         options = api.RunOptions(out=_default_out("prune", out), data=pick["data"], seed=pick["seed"], force=force,
                                  latency=latency, recalibrate_bn=bn_recalibrate,
                                  measure=api.LatencySettings() if measure else None,
@@ -269,7 +291,32 @@ def prune(
         with session.progress() as progress:
             return api.prune(source, cfg, options, tune, progress)
 
-    session.emit(session.run(go))
+    report = session.run(go)
+    if report.get("dry_run"):
+        _print_plan(session, report)
+        return
+    session.emit(report)
+
+
+def _print_plan(session: Session, listing: dict[str, Any]) -> None:
+    """The `prune --dry-run` listing: JSON with --json, else one line per unit and what is left alone."""
+    if session.as_json:
+        sys.stdout.write(json.dumps(listing, default=str) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"PAGCP units of {listing['model']['source']} ({len(listing['units'])})")
+    for column in ("unit", "kind", "channels", "coupled members", "input channels of"):
+        table.add_column(column)
+    for unit in listing["units"]:
+        table.add_row(unit["name"], unit["kind"], str(unit["channels"]), ", ".join(unit["members"]),
+                      ", ".join(unit["consumers"]))
+    session.out.print(table)
+    session.out.print(f"heads (never pruned): {', '.join(listing['heads']) or '-'}")
+    session.out.print(f"ignored (--ignore {' '.join(listing['ignore_patterns']) or '-'}): "
+                      f"{', '.join(listing['ignored']) or '-'}")
+    for skipped in listing["skipped"]:
+        session.out.print(f"skipped {skipped['name']}: {skipped['reason']}")
 
 
 @app.command()

@@ -193,3 +193,51 @@ class SVDConfig(ConfigBase):
 class SVDEnergyConfig(SVDConfig):
     """Truncated SVD baseline (k = 1): each layer keeps the smallest rank holding a common fraction of its
     Frobenius energy, that fraction chosen to meet the budget."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PAGCPConfig(ConfigBase):
+    """PAGCP (Ye et al. 2023): performance-aware global channel pruning for multitask models (METHODS.md §2).
+
+    Each unit (a convolution, or channels coupled through residual adds and concats) is pruned by the largest
+    ratio of the grid whose every task's calibration loss stays within 1 + delta_i of the running baseline;
+    delta_i = delta0 * lambda^i with prod(1 + delta0 lambda^i) = tau (lambda = 1 without `exp`). With
+    `macs_target`, the search is repeated with delta0 scaled up or down (bisection) until the pruned model keeps
+    that fraction of the original MACs (within `macs_tolerance`).
+    """
+
+    delta0: float = 0.05         # allowed relative loss rise of each task for the first unit
+    tau: float = 5.0             # bound on the product of all rises (final loss <= tau x original, per task)
+    top_p: float = 1.0           # share of units whose pruning is kept (smallest loss rise per MAC removed)
+    exp: bool = False            # geometric schedule of delta (lambda from delta0, tau and the unit count)
+    macs_target: float | None = None  # fraction of the original MACs to keep; None: follow delta0 and tau
+    macs_tolerance: float = 0.02      # |achieved - target| allowed, as a fraction of the original MACs
+    max_rounds: int = 8               # searches the macs_target bisection may run
+    round_to: int = 1            # kept channel counts rounded up to multiples of this (hardware-friendly widths)
+    ignore: tuple[str, ...] = ()  # module-name patterns never pruned (task heads are left alone anyway)
+    step: float = 0.05           # ratio grid: step, 2 step, ... up to 0.95
+    probe_ratio: float = 0.3     # share of a unit's channels removed to measure its MACs contribution
+    calibration_items: int = 512  # fixed calibration subset the oracle evaluates on
+    max_units: int | None = None  # search only the first N units in search order (a cap for cheap runs)
+    saliency: str = "l1"         # l1 or l2 norm of each output channel's weights
+
+    def __post_init__(self) -> None:
+        _check_range("delta0", self.delta0, 0.0, 1e6, low_open=True)
+        _check_range("tau", self.tau, 1.0, 1e12, low_open=True)
+        _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        if self.macs_target is not None:
+            _check_range("macs_target", self.macs_target, 0.0, 1.0, low_open=True, high_open=True)
+        _check_range("macs_tolerance", self.macs_tolerance, 0.0, 0.5, low_open=True)
+        if self.max_rounds < 1:
+            raise UsageError(f"max_rounds = {self.max_rounds} must be >= 1")
+        if self.round_to < 1:
+            raise UsageError(f"round_to = {self.round_to} must be >= 1 (1: any width)")
+        _check_range("step", self.step, 0.0, 0.95, low_open=True)
+        _check_range("probe_ratio", self.probe_ratio, 0.0, 1.0, low_open=True, high_open=True)
+        if self.calibration_items < 1:
+            raise UsageError(f"calibration_items = {self.calibration_items} must be >= 1")
+        if self.max_units is not None and self.max_units < 1:
+            raise UsageError(f"max_units = {self.max_units} must be >= 1 (or None: every unit)")
+        if self.saliency not in ("l1", "l2"):
+            raise UsageError(f"saliency = {self.saliency!r} is unknown; choose l1 or l2")
+        validate_patterns(self.ignore, "--ignore")

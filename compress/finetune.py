@@ -16,6 +16,7 @@ from compress import distributed
 from compress.config import FinetuneConfig
 from compress.errors import UsageError
 from compress.data import Batches, Splits, TensorSplit
+from compress.tasks import Tasks, is_multitask, total_loss
 
 Masks = dict[str, torch.Tensor]
 StepHook = Callable[[int, int], None]
@@ -24,10 +25,16 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Accuracy (percent) and mean cross-entropy over a split."""
+    """Accuracy (percent) and mean cross-entropy over a split; for several tasks, per-task metrics and losses.
+
+    With several tasks `accuracy` is that of the first task measured by accuracy (NaN when none is) and `loss`
+    the weighted sum of the task losses (the training objective without label smoothing).
+    """
 
     accuracy: float
     loss: float
+    metrics: dict[str, float] = field(default_factory=dict)   # task name -> mean metric
+    losses: dict[str, float] = field(default_factory=dict)    # task name -> mean loss
 
 
 @dataclass
@@ -49,8 +56,11 @@ def default_device() -> torch.device:
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 512,
              device: torch.device | None = None) -> Evaluation:
-    """Top-1 accuracy in percent and mean cross-entropy of `model` on `split`."""
+    """Top-1 accuracy in percent and mean cross-entropy of `model` on `split` (every task's metric and loss when
+    the split has several)."""
     device = device or next(model.parameters()).device
+    if is_multitask(split.tasks):
+        return evaluate_tasks(model, split, split.tasks, batch_size, device)
     was_training = model.training
     model.eval()
     correct, total_loss = 0, 0.0
@@ -61,7 +71,31 @@ def evaluate(model: nn.Module, split: TensorSplit, batch_size: int = 512,
         correct += int((logits.argmax(1) == y).sum())
     model.train(was_training)
     n = max(len(split), 1)
-    return Evaluation(100.0 * correct / n, total_loss / n)
+    return Evaluation(100.0 * correct / n, total_loss / n, {"classification": 100.0 * correct / n},
+                      {"classification": total_loss / n})
+
+
+@torch.inference_mode()
+def evaluate_tasks(model: nn.Module, split: TensorSplit, tasks: Tasks, batch_size: int = 512,
+                   device: torch.device | None = None) -> Evaluation:
+    """Mean metric and mean loss of every task of `model` on `split`."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    metric_sums = {t.name: 0.0 for t in tasks}
+    loss_sums = {t.name: 0.0 for t in tasks}
+    for x, y in Batches(split, batch_size):
+        out, y = model(x.to(device)), y.to(device)
+        for task in tasks:
+            pred, truth = task.pick_output(out), task.pick_target(y)
+            loss_sums[task.name] += float(task.item_losses(pred, truth).sum())
+            metric_sums[task.name] += task.metric_sum(pred, truth)
+    model.train(was_training)
+    n = max(len(split), 1)
+    metrics = {k: v / n for k, v in metric_sums.items()}
+    losses = {k: v / n for k, v in loss_sums.items()}
+    accuracy = next((metrics[t.name] for t in tasks if t.metric == "accuracy"), math.nan)
+    return Evaluation(accuracy, sum(t.weight * losses[t.name] for t in tasks), metrics, losses)
 
 
 @torch.no_grad()
@@ -150,6 +184,10 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
     """
     device = device or default_device()
     masks = masks if masks is not None else {}
+    tasks = splits.train.tasks if is_multitask(splits.train.tasks) else None
+    if tasks is not None and teacher is not None:
+        raise UsageError("distillation is for single-task classifiers; fine-tune this multitask model without "
+                         "--distill")
     rank = distributed.current()
     model.to(device)
     if teacher is not None:
@@ -182,7 +220,10 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)
-            loss = _loss(forward(x), y, cfg, teacher_logits)
+            if tasks is not None:  # several tasks: the weighted sum of their losses
+                loss = total_loss(forward(x), y, tasks, label_smoothing=cfg.label_smoothing)
+            else:
+                loss = _loss(forward(x), y, cfg, teacher_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -24,7 +24,7 @@ def test_every_backend_and_batch_gets_an_interleaved_row(tmp_path: Path) -> None
     assert [(r.backend, r.batch) for r in rows] == [(b, n) for b in settings.backends for n in (1, 3)]
     for row in rows:
         assert row.runs == 3 and row.p50_ms > 0 and row.baseline_p50_ms > 0
-        assert row.speedup == pytest.approx(row.baseline_p50_ms / row.p50_ms)
+        assert row.speedup_spread[0] <= row.speedup <= row.speedup_spread[1]  # the median of per-round ratios
         assert row.proxy == (row.backend == MOBILE_PROXY)
         assert row.threads == (1 if row.backend == MOBILE_PROXY else 2)  # a phone core, whatever --threads says
     assert not candidate.training  # measured in eval mode
@@ -49,3 +49,12 @@ def test_cuda_backend_without_a_gpu_is_a_usage_error() -> None:
     assert "pytorch-cuda" not in available_backends()
     with pytest.raises(UsageError, match="needs a CUDA GPU"):
         LatencySettings(backends=("pytorch-cuda",))
+
+
+def test_speedup_is_the_median_of_paired_ratios() -> None:
+    from compress.measure.latency import summarise_pair
+
+    pair = summarise_pair("pytorch-cpu", 1, 1, cand=[1.0, 3.0, 3.0], base=[3.0, 3.0, 9.0])
+    assert pair.speedup == 3.0  # rounds: 3x, 1x, 3x (the ratio of the medians would say 1x)
+    assert (pair.p50_ms, pair.baseline_p50_ms) == (3000.0, 3000.0)
+    assert pair.speedup_spread == (1.0, 3.0)

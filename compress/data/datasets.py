@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from compress.errors import UsageError
+from compress.tasks import Tasks, Targets, tasks_of
 
 FASHION_MNIST_DIRS = (
     Path(os.environ.get("COMPRESS_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")),
@@ -29,13 +30,18 @@ CALIBRATION_SIZE = 5000
 
 @dataclass(frozen=True)
 class TensorSplit:
-    """Inputs (N, C, H, W) normalised float32 and integer labels (N,)."""
+    """Inputs (N, C, H, W) normalised float32 and integer labels (N,), or several targets (`Targets`)."""
 
     x: torch.Tensor
-    y: torch.Tensor
+    y: torch.Tensor | Targets
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def tasks(self) -> Tasks:
+        """The tasks the labels serve (one classification task for plain labels)."""
+        return tasks_of(self.y)
 
     def subset(self, n: int) -> TensorSplit:
         """First n items (the splits are already shuffled with a fixed seed)."""
@@ -52,6 +58,10 @@ class Splits:
     test: TensorSplit
     num_classes: int
     fingerprint: str
+
+    @property
+    def tasks(self) -> Tasks:
+        return self.test.tasks
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -96,7 +106,7 @@ class Batches:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             x, y = self.split.x[idx], self.split.y[idx]
-            if self.augment:
+            if self.augment and not isinstance(y, Targets):  # flips and shifts would move masks and positions
                 x = _augment(x, gen)
             yield x, y
 
@@ -226,3 +236,9 @@ def load_dataset(spec: str, seed: int = 0) -> Splits:
     if spec not in DATASETS:
         raise UsageError(f"unknown data set {spec!r}; choose one of {', '.join(DATASETS)} or folder:PATH")
     return DATASETS[spec](seed)
+
+
+# the multitask canvases (built from the loaders above) register themselves last
+from compress.data.multitask import DATASETS as _MULTITASK  # noqa: E402
+
+DATASETS.update(_MULTITASK)

@@ -25,6 +25,7 @@ class Context:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None
+    tasks: tuple[Any, ...] | None = None  # compress.tasks.Task per model output; None: one classification task
 
 
 @dataclass

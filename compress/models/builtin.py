@@ -46,3 +46,9 @@ class ResCNN(nn.Module):
 
 
 BUILTIN_ARCHS: dict[str, Callable[..., nn.Module]] = {"rescnn": ResCNN}
+
+
+from compress.models.multitask import MTNet  # noqa: E402 - it builds on BasicBlock above
+
+BUILTIN_ARCHS["mtnet"] = MTNet
+BUILTIN_DATASETS: dict[str, str] = {"rescnn": "fashion-mnist", "mtnet": "fashion-mnist-canvas"}

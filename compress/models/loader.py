@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compress.errors import UnsafeCheckpointError, UsageError
-from compress.models.builtin import BUILTIN_ARCHS
+from compress.models.builtin import BUILTIN_ARCHS, BUILTIN_DATASETS
 
 DEFAULT_MODEL = "rescnn"
 BASELINES_DIR = Path(__file__).parent / "baselines"
@@ -231,7 +231,8 @@ def _load_builtin(name: str, weights: str | Path | None, num_classes: int | None
                              "run `make baseline` to train it")
         weights = shipped
     _load_weights(model, weights, trust_pickle)
-    return LoadedModel(model.eval(), arch, name, manifest.get("dataset", "fashion-mnist"), manifest)
+    dataset = manifest.get("dataset", BUILTIN_DATASETS.get(name, "fashion-mnist"))
+    return LoadedModel(model.eval(), arch, name, dataset, manifest)
 
 
 def _load_pickled_module(path: Path, trust_pickle: bool) -> LoadedModel:

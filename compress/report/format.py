@@ -70,8 +70,8 @@ def latency_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 PRUNING_COLUMNS = ("name", "kind", "shape", "weights", "kept", "sparsity", "floor", "floor hit")
 LOWRANK_COLUMNS = ("name", "kind", "shape", "groups k", "rank j", "params before", "params after", "MACs after/before",
                    "ε bound", "error (spectral)", "error (Frobenius)")
-CHANNEL_COLUMNS = ("name", "kind", "shape before", "shape after", "channels before", "channels after", "kept",
-                   "params before", "params after")
+CHANNEL_COLUMNS = ("order", "unit", "channels before", "channels after", "ratio", "MACs contribution", "δ_i",
+                   "vetoed by", "loss ratios at the chosen ratio", "flags")
 
 
 def _shape(shape: list) -> str:
@@ -90,6 +90,17 @@ def layer_kind(report: dict[str, Any]) -> str:
     return ""
 
 
+def _channel_row(row: dict[str, Any]) -> tuple[str, ...]:
+    """One unit of a channel-pruning log: what it lost, which task stopped it, and each task's loss ratio."""
+    losses = ", ".join(f"{task} {value:.3f}" for task, value in (row.get("loss_ratios") or {}).items())
+    flags = [flag for flag, on in (("all pass", row.get("all_pass")), ("not kept (top-P)", row.get("selected") is False))
+             if on]
+    vetoed = row.get("vetoed_by") or "-"
+    return (num(row.get("order")), row["name"], num(row["channels_before"]), num(row["channels_after"]),
+            num(row.get("ratio")), num(row.get("macs_contribution")), num(row.get("delta"), 4), vetoed, losses or "-",
+            ", ".join(flags))
+
+
 def layer_table(report: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """Per-layer audit: the pruning columns (GlobalMP), the low-rank columns (ALDS, SVD) or the channel columns."""
     layers, kind = report.get("layers") or [], layer_kind(report)
@@ -103,11 +114,8 @@ def layer_table(report: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str
                                   ratio(row["macs_after"], row["macs_before"]), num(row["eps_bound"], 4),
                                   num(row["err_spectral"], 4), num(row["err_frobenius"], 4)) for row in layers]
     if kind == "channels":
-        return CHANNEL_COLUMNS, [(row["name"], row.get("kind", ""), _shape(row.get("shape_before", [])),
-                                  _shape(row.get("shape_after", [])), num(row["channels_before"]),
-                                  num(row["channels_after"]), ratio(row["channels_after"], row["channels_before"]),
-                                  num(row.get("params_before")), num(row.get("params_after")))
-                                 for row in layers if "channels_before" in row]
+        ordered = sorted((row for row in layers if "channels_before" in row), key=lambda r: r.get("order", 0))
+        return CHANNEL_COLUMNS, [_channel_row(row) for row in ordered]
     return (), []
 
 
