@@ -311,6 +311,27 @@ def test_api_prune_round_trip_and_task_table(trained_mt, tmp_path):
     assert f"| {first['order']} | {first['name']} | {first['channels_before']} | {first['channels_after']} |" in md
 
 
+def test_alds_after_pagcp_rebuilds_weights_only(trained_mt, tmp_path):
+    """Channel pruning then low rank (METHODS.md: the composition ALDS after PAGCP): both transforms replay."""
+    from compress.config import ALDSConfig
+    from compress.data import load_dataset
+
+    weights = tmp_path / "mt.pt"
+    torch.save(trained_mt.state_dict(), weights)
+    options = {"data": "digits-canvas", "latency": False, "command": "test"}
+    api.prune(api.ModelSource(spec=MT_SPEC, weights=str(weights)), PAGCPConfig(macs_target=0.6),
+              api.RunOptions(out=tmp_path / "pagcp", **options))
+    report = api.prune(api.ModelSource(spec=str(tmp_path / "pagcp")), ALDSConfig(keep=0.5),
+                       api.RunOptions(out=tmp_path / "alds", **options))
+    assert report["status"] == "ok"
+    loaded = load_model(str(tmp_path / "alds"))
+    kinds = [t["type"] for t in loaded.arch["transforms"]]
+    assert kinds[0] == "channels" and set(kinds[1:]) == {"lowrank"}
+    again = evaluate(loaded.model, load_dataset("digits-canvas").test)
+    for name, row in report["tasks"].items():
+        assert round(again.metrics[name], 4) == row["after_compression"]
+
+
 def test_cli_dry_run_lists_units_and_writes_nothing(tmp_path):
     out = tmp_path / "never"
     result = CliRunner().invoke(app, ["prune", "--method", "pagcp", "--model", MT_SPEC, "--data", "digits-canvas",
