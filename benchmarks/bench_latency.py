@@ -136,7 +136,7 @@ def render(cases: list[dict], env: dict, threads: int, seconds: float) -> str:
     lines += ["", "## Conditions", "", f"- CPU: {env['cpu']} ({env['cpu_count']} cores), {threads} thread(s), "
               f"device {env['device']}", f"- ONNX Runtime providers: {', '.join(env['providers'])}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
-              f"- runs per (backend, batch): {json.dumps(RUNS)}; wall time of the benchmark {seconds:.0f} s",
+              f"- runs per (backend, batch): {json.dumps(RUNS)}; wall time of the last run {seconds:.0f} s",
               f"- resnet18: `{RESNET18_RUN}` (trained by benchmarks/bench_alds.py's recipe), timed at 224x224",
               "- reproduce: `make bench-latency`", ""]
     return "\n".join(lines)
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--models", nargs="+", default=["rescnn", "resnet18"])
     parser.add_argument("--name", default="latency", help="reports/NAME.{md,json}")
+    parser.add_argument("--merge", action="store_true", help="keep the other models' rows of an existing "
+                        "reports/NAME.json (re-measure some models on a quiet machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -164,6 +166,10 @@ def main() -> None:
                 speedups={f"{r['backend']}-b{r['batch']}": round(r["speedup"], 3) for r in case["latency"]})
             cases.append(case)
     env = environment()
+    previous = REPORTS / f"{args.name}.json"
+    if args.merge and previous.is_file():
+        kept = [c for c in json.loads(previous.read_text())["cases"] if c["model"] not in args.models]
+        cases = sorted(kept + cases, key=lambda c: list(INPUT_SHAPES).index(c["model"]))  # stable: methods in order
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / f"{args.name}.json").write_text(json.dumps({"env": env, "cases": cases}, indent=1, default=str))
     (REPORTS / f"{args.name}.md").write_text(render(cases, env, args.threads, time.perf_counter() - started))

@@ -9,7 +9,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from compress.report.format import (backend_label, budget_line, bytes_label, export_rows, latency_rows, layer_kind,
-                                    layer_table, model_rows, num, task_rows)
+                                    layer_table, mobile_lines, model_rows, num, task_rows)
 from compress.report.markdown import SPARSE_NOTE
 
 if TYPE_CHECKING:  # matplotlib is imported on first use: the CLI starts without it
@@ -237,7 +237,7 @@ def _latency(report: dict[str, Any]) -> str:
               if s is not None and r.get("speedup_spread") else (0.0, 0.0) for s, r in zip(speedups, rows)]
     fig, (ax,) = _figure(10.0, 1.3 + 0.42 * len(rows))
     _hbars(ax, labels, [("speed-up", speedups, TUNED)],
-           "speed-up vs the original (p50 ratio; bars: p25-p75; > 1 is faster)", lambda v: f"{v:.2f}x", errors)
+           "speed-up vs the original (median of paired ratios; bars: p25-p75; > 1 is faster)", lambda v: f"{v:.2f}x", errors)
     ax.axvline(1.0, color="#24292f", lw=1, label="1.0x (no change)")
     before, after = report.get("model", {}).get("before", {}), report.get("model", {}).get("after", {})
     if before.get("macs") and after.get("macs"):
@@ -271,11 +271,14 @@ def _export(report: dict[str, Any]) -> str:
     rows = []
     for (fmt, e), row in zip(exports.items(), export_rows(report)):
         parity = {k: v for k, v in (e.get("parity") or {}).items() if k not in ("max_abs", "cosine", "top1_agreement")}
-        extra = {**{k: v for k, v in e.items() if k not in shown}, **({"parity": parity} if parity else {})}
+        extra = {**{k: v for k, v in e.items() if k not in shown and k != "mobile_usability"},
+                 **({"parity": parity} if parity else {})}
+        mobile = mobile_lines({"export": {"onnx": e}}) if "mobile_usability" in e else []
         rows.append([f"<td>{_e(backend_label({**e, 'backend': fmt}))}</td>", f'<td class="wrap">{_e(row[1])}</td>',
                      f"<td>{_e(bytes_label(e.get('bytes')))}</td>", f'<td class="c">{_badge(bool(e.get("ok")))}</td>',
                      *(f"<td>{_e(c)}</td>" for c in row[4:]),
-                     '<td class="wrap details">' + "<br>".join(_e(f"{k}: {_value(v)}") for k, v in extra.items())
+                     '<td class="wrap details">' + "<br>".join(
+                         [_e(line) for line in mobile] + [_e(f"{k}: {_value(v)}") for k, v in extra.items()])
                      + "</td>"])
     head = ("format", "file", "bytes", "verified", "max abs error", "cosine", "top-1 agreement", "test accuracy",
             "details")
