@@ -41,13 +41,15 @@ from compress.models import load_model  # noqa: E402
 REPORTS = ROOT / "reports"
 MODEL = "mtnet"
 UNIFORM, GLOBAL = "torch-pruning uniform L1", "torch-pruning global group-magnitude"
+ROUND_TO = 8
 
 
 def log(**fields: object) -> None:
     print(json.dumps(fields, default=str), flush=True)
 
 
-def tp_pruned(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool) -> nn.Module:
+def tp_pruned(model: nn.Module, example: torch.Tensor, ratio: float, global_pruning: bool,
+              round_to: int | None = None) -> nn.Module:
     """Torch-Pruning's channel pruning at `ratio`, task heads left alone as PAGCP leaves them."""
     import torch_pruning as tp
 
@@ -56,17 +58,19 @@ def tp_pruned(model: nn.Module, example: torch.Tensor, ratio: float, global_prun
     importance = tp.importance.GroupMagnitudeImportance(p=2) if global_pruning else \
         tp.importance.MagnitudeImportance(p=1)
     tp.pruner.MetaPruner(model, example, importance=importance, pruning_ratio=ratio, global_pruning=global_pruning,
-                         ignored_layers=ignored, max_pruning_ratio=0.95).step()
+                         ignored_layers=ignored, max_pruning_ratio=0.95, round_to=round_to).step()
     return model
 
 
-def matching_ratio(original: nn.Module, example: torch.Tensor, keep: float, global_pruning: bool) -> float:
+def matching_ratio(original: nn.Module, example: torch.Tensor, keep: float, global_pruning: bool,
+                   round_to: int | None = None) -> float:
     """The Torch-Pruning ratio whose pruned model keeps `keep` of the original MACs (bisection)."""
     total = count_macs(original, example).macs
     low, high = 0.0, 0.95
     for _ in range(14):
         mid = (low + high) / 2
-        kept = count_macs(tp_pruned(copy.deepcopy(original), example, mid, global_pruning), example).macs / total
+        pruned = tp_pruned(copy.deepcopy(original), example, mid, global_pruning, round_to)
+        kept = count_macs(pruned, example).macs / total
         low, high = (mid, high) if kept > keep else (low, mid)
     return (low + high) / 2
 
@@ -149,18 +153,29 @@ def main() -> None:
     tuned_splits = dataclasses.replace(splits, train=splits.train.subset(args.finetune_items))
     tune = FinetuneConfig(epochs=args.epochs, lr=0.03)
 
-    started = time.perf_counter()
-    searched = METHODS["pagcp"].apply(copy.deepcopy(original), cfg, Context(example, splits, tasks=splits.tasks,
-                                      progress=lambda d, i, n: log(stage=d, done=i, total=n) if i == n else None))
-    seconds = time.perf_counter() - started
+    searches = {}
+    for round_to in (1, ROUND_TO):
+        started = time.perf_counter()
+        searched = METHODS["pagcp"].apply(
+            copy.deepcopy(original), dataclasses.replace(cfg, round_to=round_to),
+            Context(example, splits, tasks=splits.tasks,
+                    progress=lambda d, i, n: log(stage=d, done=i, total=n) if i == n else None))
+        searches[round_to] = (searched, time.perf_counter() - started)
+        log(stage="pagcp", round_to=round_to, seconds=round(searches[round_to][1], 1))
+    searched, seconds = searches[1]
     keep = count_macs(searched.model, example).macs / macs_before
-    log(stage="pagcp", seconds=round(seconds, 1), macs_keep=round(keep, 4))
+
+    def tp(global_pruning: bool, round_to: int | None) -> Callable[[], nn.Module]:
+        return lambda: tp_pruned(copy.deepcopy(original), example,
+                                 matching_ratio(original, example, keep, global_pruning, round_to), global_pruning,
+                                 round_to)
+
+    # ONNX Runtime's fast convolutions (NCHWc) want channel counts in multiples of 8 on this CPU: each method
+    # is measured as it comes and with widths rounded to multiples of ROUND_TO
     makers: dict[str, Callable[[], nn.Module]] = {
-        "PAGCP": lambda: searched.model,
-        UNIFORM: lambda: tp_pruned(copy.deepcopy(original), example,
-                                   matching_ratio(original, example, keep, False), False),
-        GLOBAL: lambda: tp_pruned(copy.deepcopy(original), example,
-                                  matching_ratio(original, example, keep, True), True)}
+        "PAGCP": lambda: searches[1][0].model, f"PAGCP, --round-to {ROUND_TO}": lambda: searches[ROUND_TO][0].model,
+        UNIFORM: tp(False, None), f"{UNIFORM}, round_to {ROUND_TO}": tp(False, ROUND_TO),
+        GLOBAL: tp(True, None), f"{GLOBAL}, round_to {ROUND_TO}": tp(True, ROUND_TO)}
     cases = []
     for method, make in makers.items():
         model = make().eval()
