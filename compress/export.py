@@ -237,6 +237,14 @@ def verify_export(model: nn.Module, path: Path, inputs: torch.Tensor | np.ndarra
                       f"(cosine {parity.cosine:.6f}, top-1 agreement {top1}); {fix}")
 
 
+def top1_accuracy(session_or_path: Any, inputs: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
+                  *, batch: int = 256) -> float:
+    """Fraction of `inputs` an exported classifier (session or .onnx/.ort path) labels correctly."""
+    scores = _run(_session(session_or_path), _array(inputs), batch)
+    truth = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    return float((scores.argmax(1) == truth).mean())
+
+
 def int8_agreement(fp32_session: Any, int8_session: Any, inputs: torch.Tensor | np.ndarray,
                    *, batch: int = 64) -> float:
     """Fraction of `inputs` on which the int8 and fp32 sessions (or model files) predict the same class."""

@@ -50,18 +50,6 @@ def _parity_entry(path: Path, parity: export.Parity, **extra: Any) -> dict[str, 
     return {"path": path.name, "bytes": path.stat().st_size, "parity": parity.to_dict(), "ok": parity.ok, **extra}
 
 
-def _accuracy(path: Path, split: TensorSplit) -> float:
-    """Top-1 accuracy in percent (as compress reports accuracy) of an exported classifier, run by ONNX Runtime."""
-    session = export.ort_session(path)
-    name, fixed = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
-    step = fixed if isinstance(fixed, int) else 256
-    # a fixed-batch graph cannot take a short last batch, so those few items are left out
-    usable = len(split.y) - len(split.y) % step if isinstance(fixed, int) else len(split.y)
-    correct = sum(int((session.run(None, {name: split.x[i:i + step].numpy()})[0].argmax(1)
-                       == split.y[i:i + step].numpy()).sum()) for i in range(0, usable, step))
-    return 100.0 * correct / usable
-
-
 def export_all(model: nn.Module, test: TensorSplit, calibration: TensorSplit, settings: ExportSettings,
                directory: Path) -> dict[str, Any]:
     """Write model.onnx (and model.ort, model.int8.onnx/.ort as asked) into `directory`, each checked against
@@ -87,8 +75,10 @@ def export_all(model: nn.Module, test: TensorSplit, calibration: TensorSplit, se
                                          calibration.x[:settings.calibration_items])
         parity = export.check_parity(model, int8_path, inputs, classifier=classifier,
                                      min_top1=INT8_MIN_AGREEMENT if classifier else None)
-        extra = {"test_accuracy": round(_accuracy(int8_path, test), 4),
-                 "fp32_test_accuracy": round(_accuracy(onnx_path, test), 4)} if classifier else {}
+        # percent, as compress reports accuracy
+        extra = {"test_accuracy": round(100 * export.top1_accuracy(int8_path, test.x, test.y), 4),
+                 "fp32_test_accuracy": round(100 * export.top1_accuracy(onnx_path, test.x, test.y), 4)} \
+            if classifier else {}
         section["onnx_int8"] = _parity_entry(int8_path, parity, **extra)
         if settings.format == "ort":
             int8_ort, _ = export.convert_to_ort(int8_path, directory)

@@ -18,7 +18,7 @@ from torch import nn
 
 from compress import export
 from compress.errors import UsageError
-from compress.measure.latency import LatencyPair, interleaved_times, summarise_pair, torch_threads
+from compress.measure.latency import LatencyPair, interleaved_times, pytorch_times, summarise_pair
 
 PYTORCH_CPU, PYTORCH_CUDA, ONNXRUNTIME_CPU, MOBILE_PROXY = "pytorch-cpu", "pytorch-cuda", "onnxruntime-cpu", \
     "mobile-proxy"
@@ -57,16 +57,6 @@ def batch_of(inputs: torch.Tensor, batch: int) -> torch.Tensor:
     """`batch` items from `inputs`, cycling through them when there are fewer."""
     index = torch.arange(batch) % inputs.shape[0]
     return inputs[index].contiguous()
-
-
-def _pytorch_pair(candidate: nn.Module, baseline: nn.Module, x: torch.Tensor, settings: LatencySettings,
-                  device: torch.device) -> tuple[list[float], list[float]]:
-    """Interleaved PyTorch times under inference mode, synchronising CUDA around each call."""
-    candidate, baseline, x = candidate.eval().to(device), baseline.eval().to(device), x.to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch_threads(settings.threads), torch.inference_mode():
-        return interleaved_times(lambda: candidate(x), lambda: baseline(x), runs=settings.runs,
-                                 warmup=settings.warmup, synchronize=sync)
 
 
 def _session_call(session: object, x: np.ndarray) -> Callable[[], object]:
@@ -108,7 +98,8 @@ def measure_backends(candidate: nn.Module, baseline: nn.Module, inputs: torch.Te
             threads = 1 if backend == MOBILE_PROXY else settings.threads
             if backend in (PYTORCH_CPU, PYTORCH_CUDA):
                 device = torch.device("cuda" if backend == PYTORCH_CUDA else "cpu")
-                cand, base = _pytorch_pair(candidate, baseline, x, settings, device)
+                cand, base = pytorch_times(candidate, baseline, x, threads=settings.threads, runs=settings.runs,
+                                           warmup=settings.warmup, device=device)
                 candidate, baseline = candidate.cpu(), baseline.cpu()
             elif backend == ONNXRUNTIME_CPU:
                 if not onnx_paths:

@@ -80,16 +80,22 @@ def summarise_pair(backend: str, batch: int, threads: int, cand: list[float], ba
                        (_percentile(ratios, 0.25), _percentile(ratios, 0.75)), proxy)
 
 
+def pytorch_times(candidate: nn.Module, baseline: nn.Module, x: torch.Tensor, *, threads: int, runs: int,
+                  warmup: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Interleaved PyTorch seconds per call of both models on `x`, in eval and inference mode (CUDA synchronised)."""
+    candidate, baseline, x = candidate.eval().to(device), baseline.eval().to(device), x.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch_threads(threads), torch.inference_mode():
+        return interleaved_times(lambda: candidate(x), lambda: baseline(x), runs=runs, warmup=warmup,
+                                 synchronize=sync)
+
+
 def measure_latency_pair(candidate: nn.Module, baseline: nn.Module, example: torch.Tensor, *, batch: int = 1,
                          threads: int = 1, runs: int = 50, warmup: int = 5,
                          device: torch.device | None = None) -> LatencyPair:
     """Latency of `candidate` beside `baseline` on PyTorch (CPU, or CUDA synchronised), in eval mode."""
     device = device or torch.device("cpu")
-    x = example[:1].expand(batch, *example.shape[1:]).contiguous().to(device)
-    candidate, baseline = candidate.eval().to(device), baseline.eval().to(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch_threads(threads), torch.inference_mode():
-        cand, base = interleaved_times(lambda: candidate(x), lambda: baseline(x), runs=runs, warmup=warmup,
-                                       synchronize=sync)
+    x = example[:1].expand(batch, *example.shape[1:]).contiguous()
+    cand, base = pytorch_times(candidate, baseline, x, threads=threads, runs=runs, warmup=warmup, device=device)
     backend = "pytorch-cuda" if device.type == "cuda" else "pytorch-cpu"
     return summarise_pair(backend, batch, threads, cand, base)
