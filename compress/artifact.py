@@ -170,24 +170,6 @@ def save_model_files(run: RunDir, model: nn.Module, arch: dict[str, Any], manife
     return manifest
 
 
-def load_artifact(directory: Path, *, trust_pickle: bool = False):  # -> LoadedModel (import cycle)
-    """Rebuild a model from a run directory with weights-only loading."""
-    from compress.models.loader import LoadedModel, build_from_arch
-
-    directory = Path(directory)
-    for name in (WEIGHTS_FILE, ARCH_FILE):
-        if not (directory / name).exists():
-            raise UsageError(f"{directory} is not a compress output directory (no {name}); give the --out "
-                             "directory of a compress run")
-    arch = json.loads((directory / ARCH_FILE).read_text())
-    manifest_path = directory / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    model = build_from_arch(arch, trust_pickle=trust_pickle)
-    state = read_weights(directory / WEIGHTS_FILE)
-    model.load_state_dict(state, strict=True)
-    return LoadedModel(model.eval(), arch, str(directory), manifest.get("dataset"), manifest)
-
-
 def masks_from_manifest(model: nn.Module, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Masks for the parameters a run pruned: 1 where the stored weight is nonzero."""
     params = dict(model.named_parameters())

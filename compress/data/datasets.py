@@ -226,7 +226,18 @@ def image_folder(path: str, seed: int = 0, size: int = 32) -> Splits:
                   _fingerprint(x.numpy(), y.numpy()))
 
 
-DATASETS: dict[str, Callable[[int], Splits]] = {"fashion-mnist": fashion_mnist, "digits": digits}
+DatasetLoader = Callable[[int], Splits]
+DATASETS: dict[str, DatasetLoader] = {"fashion-mnist": fashion_mnist, "digits": digits}
+
+
+def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator: make `fn(seed) -> Splits` loadable by name (other modules of compress.data register theirs)."""
+
+    def wrap(fn: DatasetLoader) -> DatasetLoader:
+        DATASETS[name] = fn
+        return fn
+
+    return wrap
 
 
 def load_dataset(spec: str, seed: int = 0) -> Splits:
@@ -237,8 +248,3 @@ def load_dataset(spec: str, seed: int = 0) -> Splits:
         raise UsageError(f"unknown data set {spec!r}; choose one of {', '.join(DATASETS)} or folder:PATH")
     return DATASETS[spec](seed)
 
-
-# the multitask canvases (built from the loaders above) register themselves last
-from compress.data.multitask import DATASETS as _MULTITASK  # noqa: E402
-
-DATASETS.update(_MULTITASK)

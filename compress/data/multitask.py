@@ -15,8 +15,6 @@ calibration split, as for the plain data sets.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -29,6 +27,7 @@ from compress.data.datasets import (
     _fingerprint,
     _read_idx,
     _shuffled_split,
+    register_dataset,
 )
 from compress.tasks import Targets, Task
 
@@ -71,6 +70,7 @@ def _split(x: torch.Tensor, labels: np.ndarray, masks: np.ndarray, centres: np.n
     return TensorSplit(x.unsqueeze(1).contiguous(), targets)
 
 
+@register_dataset("fashion-mnist-canvas")
 def fashion_mnist_canvas(seed: int = 0, canvas: int = 56) -> Splits:
     """Fashion-MNIST items on a 56x56 canvas: 55,000 train / 5,000 calibration / 10,000 test."""
     folder = _find_fashion_mnist()
@@ -90,6 +90,7 @@ def fashion_mnist_canvas(seed: int = 0, canvas: int = 56) -> Splits:
                                np.array([canvas, PLACEMENT_SEED])))
 
 
+@register_dataset("digits-canvas")
 def digits_canvas(seed: int = 0, canvas: int = 24) -> Splits:
     """scikit-learn's 8x8 digits on a 24x24 canvas: seeded 70% train / 10% calibration / 20% test."""
     from sklearn.datasets import load_digits
@@ -103,7 +104,3 @@ def digits_canvas(seed: int = 0, canvas: int = 24) -> Splits:
     calibration, test, train = _shuffled_split(full.x, full.y, (n // 10, n // 5), seed)
     return Splits("digits-canvas", train, calibration, test, 10,
                   _fingerprint(images, labels, np.array([canvas, PLACEMENT_SEED])))
-
-
-DATASETS: dict[str, Callable[[int], Splits]] = {"fashion-mnist-canvas": fashion_mnist_canvas,
-                                                 "digits-canvas": digits_canvas}

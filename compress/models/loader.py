@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress.artifact import ARCH_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_weights
 from compress.errors import UnsafeCheckpointError, UsageError
 from compress.models.builtin import BUILTIN_ARCHS, BUILTIN_DATASETS
+from compress.models.transforms import ARCH_TRANSFORMS, register_transform  # noqa: F401 - re-exported
+from compress.models.transforms import replay_transforms
 
 DEFAULT_MODEL = "rescnn"
 BASELINES_DIR = Path(__file__).parent / "baselines"
@@ -38,36 +40,9 @@ def baseline_paths(name: str) -> tuple[Path, Path]:
     return BASELINES_DIR / f"{name}.safetensors", BASELINES_DIR / f"{name}.json"
 
 
-ArchTransform = Callable[[nn.Module, dict[str, Any]], None]
-ARCH_TRANSFORMS: dict[str, ArchTransform] = {}
-
-
-def register_transform(name: str) -> Callable[[ArchTransform], ArchTransform]:
-    """Decorator: a structural edit (e.g. a layer replaced by a decomposition) that arch.json can replay.
-
-    A method that changes a model's structure records `{"type": name, ...}` in `Result.transforms`; loading the
-    artifact rebuilds the base architecture, replays the edits with random weights, then loads the weights.
-    """
-
-    def wrap(fn: ArchTransform) -> ArchTransform:
-        ARCH_TRANSFORMS[name] = fn
-        return fn
-
-    return wrap
-
-
 def build_from_arch(arch: dict[str, Any], *, trust_pickle: bool = False) -> nn.Module:
     """Instantiate an architecture from its arch.json description (random weights), replaying its transforms."""
-    model = _build_base(arch, trust_pickle)
-    for edit in arch.get("transforms", []):
-        if edit.get("type") not in ARCH_TRANSFORMS:
-            import compress.methods  # noqa: F401 - methods register their transforms on import
-
-        if edit.get("type") not in ARCH_TRANSFORMS:
-            raise UsageError(f"arch.json has an unknown transform {edit.get('type')!r}; this compress version "
-                             f"knows {sorted(ARCH_TRANSFORMS)}: upgrade compress")
-        ARCH_TRANSFORMS[edit["type"]](model, edit)
-    return model
+    return replay_transforms(_build_base(arch, trust_pickle), arch.get("transforms", []))
 
 
 def _build_base(arch: dict[str, Any], trust_pickle: bool = False) -> nn.Module:
@@ -122,8 +97,6 @@ def load_state_file(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     if not path.is_file():
         raise UsageError(f"weights file {str(path)!r} does not exist; check the path given to --weights/--model")
     if path.suffix == ".safetensors":
-        from compress.artifact import read_weights
-
         try:
             return read_weights(path)  # plain safetensors or compress's sparse encoding
         except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
@@ -195,8 +168,6 @@ def load_model(spec: str | None = None, *, weights: str | Path | None = None, nu
     spec = spec or DEFAULT_MODEL
     path = Path(spec)
     if path.is_dir():
-        from compress.artifact import load_artifact
-
         return load_artifact(path, trust_pickle=trust_pickle)
     if path.is_file():
         return _load_pickled_module(path, trust_pickle)
@@ -242,3 +213,18 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> LoadedModel:
         raise UsageError(f"{str(path)!r} holds weights but no architecture; pass the architecture as --model "
                          "(built-in, torchvision:NAME or package.module:function) and this file as --weights")
     return LoadedModel(obj.eval(), {"kind": "pickle", "path": str(path.resolve())}, str(path))
+
+
+def load_artifact(directory: Path, *, trust_pickle: bool = False) -> LoadedModel:
+    """Rebuild a model from a run directory with weights-only loading."""
+    directory = Path(directory)
+    for name in (WEIGHTS_FILE, ARCH_FILE):
+        if not (directory / name).exists():
+            raise UsageError(f"{directory} is not a compress output directory (no {name}); give the --out "
+                             "directory of a compress run")
+    arch = json.loads((directory / ARCH_FILE).read_text())
+    manifest_path = directory / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    model = build_from_arch(arch, trust_pickle=trust_pickle)
+    model.load_state_dict(read_weights(directory / WEIGHTS_FILE), strict=True)
+    return LoadedModel(model.eval(), arch, str(directory), manifest.get("dataset"), manifest)

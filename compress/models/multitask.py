@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from compress.models.builtin import BasicBlock
+from compress.models.blocks import BasicBlock
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
