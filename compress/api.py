@@ -25,19 +25,20 @@ from compress import artifact, distributed
 from compress.config import ConfigBase, FinetuneConfig
 from compress.data import Splits, load_dataset
 from compress.errors import AuditError, ExportError, UsageError
-from compress.finetune import Evaluation, default_device, evaluate, recalibrate_batchnorm, train
+from compress.finetune import Evaluation, default_device, evaluate, evaluate_tasks, recalibrate_batchnorm, train
 from compress.measure import count_macs, count_params, measure_latency_pair, model_sizes
 from compress.measure.backends import LatencySettings, measure_backends
 from compress.measure.conditions import environment
 from compress.methods import METHODS, Context, Result, method_for_config
-from compress.methods.base import KEEP_TOLERANCE
+from compress.methods.base import AuditOutcome
 from compress.models import LoadedModel, load_model
 from compress.models.loader import baseline_paths
 from compress.report import render_html, render_markdown
+from compress.report.schema import SCHEMA_VERSION  # noqa: F401 - re-exported as api.SCHEMA_VERSION
+from compress.report.schema import dry_run_report, new_report
 from compress.ship import ExportSettings, export_all, export_failures, format_bytes
 from compress.tasks import Tasks, is_multitask
 
-SCHEMA_VERSION = 1
 CHECKPOINT_FILE = "finetune.ckpt"
 CALIBRATION_ITEMS = 256  # calibration items for int8 quantisation
 Progress = Callable[[str, int, int], None]
@@ -131,27 +132,25 @@ def describe_model(model: nn.Module, example: torch.Tensor, *, cross_check: bool
     return described
 
 
-def audit(result: Result) -> list[str]:
-    """Problems with a compression result: target missed, floors broken."""
-    problems = []
-    summary = result.summary
-    if "target_pruned" in summary and summary["pruned"] != summary["target_pruned"]:
-        problems.append(f"pruned {summary['pruned']} weights, requested {summary['target_pruned']} "
-                        f"(sparsity {summary['achieved']:.6f} vs {summary['requested']})")
-    if "keep_requested" in summary and "keep_achieved" in summary:
-        requested, achieved = summary["keep_requested"], summary["keep_achieved"]
-        if abs(achieved - requested) > KEEP_TOLERANCE * requested:
-            problems.append(f"kept {achieved:.6f} of {summary.get('keep_counted_over', 'the budget')}, requested "
-                            f"{requested} (off by more than {KEEP_TOLERANCE:.1%}; on small layers one rank step can be "
-                            "larger than that: change the keep ratio slightly)")
-    if summary.get("target_met") is False:
-        problems.append(f"kept {summary['macs_keep']:.4f} of MACs, target {summary['macs_target']} (tolerance "
-                        f"{summary['macs_tolerance']}): even the most permissive search did not reach it; raise "
-                        "--macs-target, or fine-tune and prune again")
-    for layer in result.layers:
-        if layer.get("kept", 1) < layer.get("floor", 0):
-            problems.append(f"layer {layer['name']} keeps {layer['kept']} weights, below its floor {layer['floor']}")
-    return problems
+def audit(method_cfg: ConfigBase, result: Result, shipped: nn.Module, original: nn.Module,
+          ctx: Context) -> AuditOutcome:
+    """The method's own audit of what it promised (target, floors, bounds), checked on the model that ships."""
+    spec = method_for_config(method_cfg)
+    return spec.audit(result, method_cfg, shipped, original, ctx) if spec.audit else AuditOutcome()
+
+
+def method_context(splits: Splits, example: torch.Tensor, options: RunOptions,
+                   finetune_cfg: FinetuneConfig | None = None, progress: Progress | None = None) -> Context:
+    """What a method may use from the run: data and tasks, how the run finalizes a model before shipping
+    (BatchNorm re-estimation), a short fine-tune for methods that prune in rounds, and the run's evaluation."""
+    finalize = (lambda m: recalibrate_batchnorm(m, splits.calibration)) if options.recalibrate_bn else None
+
+    def short_finetune(model: nn.Module, epochs: int, items: int | None) -> None:
+        data = dataclasses.replace(splits, train=splits.train.subset(items)) if items else splits
+        train(model, data, dataclasses.replace(finetune_cfg or FinetuneConfig(), epochs=epochs), seed=options.seed)
+
+    return Context(example, splits, example.device, options.seed, progress, tasks=splits.tasks, finalize=finalize,
+                   finetune=short_finetune, task_losses=lambda m, split: evaluate_tasks(m, split, splits.tasks).losses)
 
 
 def _finetune(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, result: Result, teacher: nn.Module | None,
@@ -214,8 +213,8 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     before = evaluate(model, splits.test)
     spec = method_for_config(method_cfg)
     started = time.perf_counter()
-    result = spec.apply(model, method_cfg, Context(example, splits, example.device, options.seed, progress,
-                                                   tasks=splits.tasks))
+    ctx = method_context(splits, example, options, finetune_cfg, progress)
+    result = spec.apply(model, method_cfg, ctx)
     timings = {"compress_seconds": round(time.perf_counter() - started, 4)}
     raw = evaluate(model, splits.test) if options.recalibrate_bn else None
     recalibrated = recalibrate_batchnorm(model, splits.calibration) if options.recalibrate_bn else 0
@@ -233,12 +232,13 @@ def prune(source: ModelSource, method_cfg: ConfigBase, options: RunOptions, fine
     report.update(tasks=_task_rows(splits.tasks, before, after_compression, after_finetune), timings=timings,
                   bn_recalibration={"layers": recalibrated, "split": "calibration",
                                     "accuracy_before": None if raw is None else round(raw.accuracy, 4)})
+    audited = audit(method_cfg, result, model.eval(), original, ctx)
+    problems = audited.problems
+    report.update(audit={"ok": not problems, "problems": problems, "figures": audited.figures},
+                  status="audit_failed" if problems else "ok", exit_code=AuditError.exit_code if problems else 0)
     if distributed.current().is_main:
         shape = options.measure.input_shape if options.measure else None
         _measure_into(report, model.cpu(), original.cpu(), *_measurement_data(splits, shape), options)
-    problems = audit(result)
-    report.update(audit={"ok": not problems, "problems": problems}, status="audit_failed" if problems else "ok",
-                  exit_code=AuditError.exit_code if problems else 0)
     arch = dict(job.loaded.arch, transforms=[*job.loaded.arch.get("transforms", []), *result.transforms])
     report["model"]["arch"] = arch
     manifest = _manifest(job.loaded, splits, options, source)
@@ -313,9 +313,10 @@ def _input_paths(source: ModelSource) -> tuple[Path, ...]:
 
 
 def _base_report(options: RunOptions, method: str, cfg: Any, loaded: LoadedModel) -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "command": options.command, "method": method,
-            "config": cfg if isinstance(cfg, dict) else cfg.to_dict(), "seed": options.seed, "env": environment(),
-            "model": {"source": loaded.source, "arch": loaded.arch}, "out": str(options.out)}
+    """The keys every run's report starts with (compress.report.schema owns the layout)."""
+    return new_report(command=options.command, method=method, config=cfg if isinstance(cfg, dict) else cfg.to_dict(),
+                      seed=options.seed, env=environment(), model={"source": loaded.source, "arch": loaded.arch},
+                      out=str(options.out))
 
 
 def _manifest(loaded: LoadedModel, splits: Splits, options: RunOptions, source: ModelSource) -> dict[str, Any]:
@@ -485,21 +486,19 @@ def plan(source: ModelSource, method_cfg: ConfigBase, options: RunOptions) -> di
 
     Loads the model and its data like `prune` but writes nothing (the --out directory is not claimed).
     """
-    from compress.config import PAGCPConfig
-    from compress.methods import pagcp
-
-    if not isinstance(method_cfg, PAGCPConfig):
-        raise UsageError(f"--dry-run lists channel-pruning units; it applies to --method pagcp, not "
-                         f"{method_for_config(method_cfg).name}")
+    spec = method_for_config(method_cfg)
+    if spec.plan is None:
+        with_plans = ", ".join(sorted(name for name, s in METHODS.items() if s.plan is not None))
+        raise UsageError(f"--dry-run lists what a method would work on; --method {spec.name} has no dry-run plan "
+                         f"(methods with one: {with_plans})")
     seed_everything(options.seed)
     loaded = source.load()
     splits = load_data_for(loaded, options.data, options.seed)
     model = loaded.model.cpu().eval()
-    listing = pagcp.plan(model, method_cfg, Context(splits.test.x[:1], splits, tasks=splits.tasks))
-    return {"schema_version": SCHEMA_VERSION, "status": "ok", "exit_code": 0, "command": options.command,
-            "method": "pagcp", "dry_run": True, "config": method_cfg.to_dict(),
-            "model": {"source": loaded.source}, "data": splits.name,
-            "tasks": [t.to_dict() for t in splits.tasks], **listing}
+    listing = spec.plan(model, method_cfg, Context(splits.test.x[:1], splits, tasks=splits.tasks))
+    return dry_run_report(command=options.command, method=spec.name, config=method_cfg.to_dict(),
+                          model={"source": loaded.source},
+                          listing={"data": splits.name, "tasks": [t.to_dict() for t in splits.tasks], **listing})
 
 
 def method_names() -> list[str]:

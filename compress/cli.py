@@ -102,7 +102,9 @@ class Session:
         """One line on stderr (and, with --json, a JSON error object on stdout), then exit with `code`."""
         self.err.print(f"{prefix}{message}", highlight=False, soft_wrap=True)
         if self.as_json:
-            sys.stdout.write(json.dumps({"status": "error", "exit_code": code, "error": message}) + "\n")
+            from compress.report.schema import error_report
+
+            sys.stdout.write(json.dumps(error_report(message, code)) + "\n")
         raise typer.Exit(code) from None
 
     def emit(self, report: dict[str, Any]) -> None:
@@ -137,14 +139,17 @@ def _split_patterns(values: list[str] | None) -> tuple[str, ...]:
 METHOD_OPTIONS = {"sparsity": "sparsity", "min_threshold": "min_threshold", "min_keep": "min_keep",
                   "include": "include", "exclude": "exclude", "schedule": "schedule", "keep": "keep",
                   "macs_keep": "macs_keep", "min_group_channels": "min_group_channels", "delta0": "delta0",
-                  "tau": "tau", "top_p": "top_p", "exp": "exp", "macs_target": "macs_target", "round_to": "round_to",
-                  "ignore": "ignore"}
+                  "tau": "tau", "task_tau": "task_tau", "max_tau": "max_tau", "zero_loss_atol": "zero_loss_atol",
+                  "top_p": "top_p", "exp": "exp", "macs_target": "macs_target", "macs_tolerance": "macs_tolerance",
+                  "rounds": "rounds", "round_epochs": "round_epochs", "round_items": "round_items",
+                  "round_to": "round_to", "ignore": "ignore"}
+OPTION_OF = {"task_tau": "tau"}  # config keys filled from another option (--tau NAME=TAU gives task_tau)
 FINETUNE_OPTIONS = {"finetune_epochs": "epochs", "optimizer": "optimizer", "lr": "lr", "distill": "distill"}
 
 
 def _explicit(ctx: typer.Context, name: str) -> bool:
     """Whether the user gave option `name` on the command line (so it overrides the recipe)."""
-    source = ctx.get_parameter_source(name)
+    source = ctx.get_parameter_source(OPTION_OF.get(name, name))
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
@@ -229,15 +234,28 @@ def prune(
     schedule: Annotated[str, typer.Option(help="oneshot, or gradual (cubic, during fine-tuning).")] = "oneshot",
     delta0: Annotated[float, typer.Option(help="PAGCP: allowed relative rise of each task's calibration loss for "
                                           "the first unit.")] = 0.05,
-    tau: Annotated[float, typer.Option(help="PAGCP: bound on each task's final calibration loss, as a multiple of "
-                                       "the original.")] = 5.0,
+    tau: Annotated[list[str] | None, typer.Option(help="PAGCP: bound on each task's calibration loss in the model "
+                                                  "that ships, as a multiple of the original (default 5); NAME=TAU "
+                                                  "(repeat) bounds one task, e.g. position=2.")] = None,
+    max_tau: Annotated[float | None, typer.Option(help="PAGCP: a --macs-target may loosen tau up to this ceiling "
+                                                  "(reported as tau_used); default: never.")] = None,
+    zero_loss_atol: Annotated[float, typer.Option(help="PAGCP: the loss a task with zero original loss may reach "
+                                                  "(an absolute bound instead of a ratio).")] = 1e-6,
     top_p: Annotated[float, typer.Option(help="PAGCP: share of units whose pruning is kept (smallest loss rise per "
                                          "MAC removed).")] = 1.0,
     exp: Annotated[bool, typer.Option("--exp/--no-exp", help="PAGCP: geometric schedule of the allowed rise "
                                       "(lambda from delta0, tau and the unit count).")] = False,
     macs_target: Annotated[float | None, typer.Option(help="PAGCP: fraction of the original MACs to keep; the search "
-                                                      "rescales delta0 and tau until it is met.")] = None,
-    round_to: Annotated[int, typer.Option(help="PAGCP: kept channel counts rounded up to multiples of this.")] = 1,
+                                                      "varies delta0 (never tau) to meet it, else exits 6.")] = None,
+    macs_tolerance: Annotated[float, typer.Option(help="PAGCP: |kept - target| allowed, as a fraction of the "
+                                                  "original MACs.")] = 0.02,
+    rounds: Annotated[str, typer.Option(help="PAGCP: rounds of pruning under the bound with a short fine-tune "
+                                        "between them; auto: until --macs-target is met.")] = "1",
+    round_epochs: Annotated[int, typer.Option(help="PAGCP: fine-tuning epochs between rounds.")] = 1,
+    round_items: Annotated[int | None, typer.Option(help="PAGCP: training items each between-round fine-tune "
+                                                    "uses (default: all).")] = None,
+    round_to: Annotated[int, typer.Option(help="PAGCP: kept channel counts are multiples of this (units narrower "
+                                          "than twice it are left alone).")] = 1,
     ignore: Annotated[list[str] | None, typer.Option(help="PAGCP: never prune the output channels of modules "
                                                      "matching (glob or re:REGEX); task heads are left alone "
                                                      "anyway.")] = None,
@@ -263,6 +281,7 @@ def prune(
     session = Session(as_json=as_json, quiet=quiet, debug=debug)
     values = dict(locals())
     values.update(include=_split_patterns(include), exclude=_split_patterns(exclude), ignore=_split_patterns(ignore))
+    values.update(_tau_values(tau), rounds=_rounds_value(rounds))
 
     def go() -> dict[str, Any]:
         from compress import api
@@ -296,6 +315,28 @@ def prune(
         _print_plan(session, report)
         return
     session.emit(report)
+
+
+def _tau_values(given: list[str] | None) -> dict[str, Any]:
+    """`--tau 5 --tau position=2` as tau and task_tau (one plain number at most)."""
+    plain = [v for v in given or [] if "=" not in v]
+    if len(plain) > 1:
+        raise typer.BadParameter(f"give one plain --tau (got {', '.join(plain)}); bound single tasks with NAME=TAU")
+    try:
+        tau = float(plain[0]) if plain else 5.0
+    except ValueError:
+        raise typer.BadParameter(f"--tau {plain[0]!r} must be a number or NAME=TAU, e.g. 5 or position=2") from None
+    return {"tau": tau, "task_tau": tuple(v for v in given or [] if "=" in v)}
+
+
+def _rounds_value(text: str) -> int | str:
+    """`--rounds 3` or `--rounds auto`."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise typer.BadParameter(f"--rounds {text!r} must be a whole number or auto") from None
 
 
 def _print_plan(session: Session, listing: dict[str, Any]) -> None:

@@ -23,6 +23,34 @@ def _check_range(name: str, value: float, low: float, high: float, *, low_open: 
         raise UsageError(f"{name} = {value} is out of range; allowed {left}{low}, {high}{right}")
 
 
+def _check_count(name: str, value: Any, low: int, note: str = "") -> None:
+    """Raise a UsageError unless `value` is a whole number >= low."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise UsageError(f"{name} = {value!r} must be a whole number >= {low}" + (f" {note}" if note else ""))
+
+
+def _task_taus(value: Any) -> tuple[tuple[str, float], ...]:
+    """Per-task bounds from a mapping, (name, tau) pairs or `name=tau` strings, sorted by name and checked."""
+    items = value.items() if isinstance(value, dict) else value
+    pairs = []
+    for item in items:
+        if isinstance(item, str):
+            name, sep, number = item.partition("=")
+            if not sep:
+                raise UsageError(f"task_tau {item!r} must be NAME=TAU, e.g. position=2")
+            item = (name.strip(), number)
+        try:
+            name, tau = str(item[0]), float(item[1])
+        except (TypeError, ValueError, IndexError):
+            raise UsageError(f"task_tau {item!r} must be NAME=TAU with a number, e.g. position=2") from None
+        _check_range(f"task_tau[{name}]", tau, 1.0, 1e12, low_open=True)
+        pairs.append((name, tau))
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"task_tau names a task twice: {names}; give each task one bound")
+    return tuple(sorted(pairs))
+
+
 @dataclass(frozen=True, kw_only=True)
 class ConfigBase:
     """Shared dict round-trip for every config."""
@@ -200,22 +228,32 @@ class PAGCPConfig(ConfigBase):
     """PAGCP (Ye et al. 2023): performance-aware global channel pruning for multitask models (METHODS.md §2).
 
     Each unit (a convolution, or channels coupled through residual adds and concats) is pruned by the largest
-    ratio of the grid whose every task's calibration loss stays within 1 + delta_i of the running baseline;
-    delta_i = delta0 * lambda^i with prod(1 + delta0 lambda^i) = tau (lambda = 1 without `exp`). With
-    `macs_target`, the search is repeated with delta0 scaled up or down (bisection) until the pruned model keeps
-    that fraction of the original MACs (within `macs_tolerance`).
+    candidate width whose every task's calibration loss stays within 1 + delta_i of the running baseline and
+    within tau x its original; delta_i = delta0 * lambda^i with prod(1 + delta0 lambda^i) = tau (lambda = 1
+    without `exp`). tau is the user's promise: the shipped model's calibration loss of every task is at most tau
+    (or that task's own `task_tau`) times the original's, checked again on the model that ships. With
+    `macs_target`, the search varies delta0 only, in (0, tau - 1]; `max_tau` may let it loosen tau up to that
+    ceiling. `rounds` alternates rounds of pruning under the bound with short fine-tunes ("auto": until the
+    MACs target is met, at most `max_auto_rounds`).
     """
 
     delta0: float = 0.05         # allowed relative loss rise of each task for the first unit
-    tau: float = 5.0             # bound on the product of all rises (final loss <= tau x original, per task)
+    tau: float = 5.0             # bound on each task's final calibration loss, as a multiple of the original
+    task_tau: tuple[tuple[str, float], ...] = ()  # per-task bounds (task name, tau) that replace tau for that task
+    max_tau: float | None = None  # a MACs target may loosen tau up to this ceiling (reported as tau_used)
+    zero_loss_atol: float = 1e-6  # a task whose reference loss is 0 may rise to this absolute loss, not a ratio
     top_p: float = 1.0           # share of units whose pruning is kept (smallest loss rise per MAC removed)
     exp: bool = False            # geometric schedule of delta (lambda from delta0, tau and the unit count)
     macs_target: float | None = None  # fraction of the original MACs to keep; None: follow delta0 and tau
     macs_tolerance: float = 0.02      # |achieved - target| allowed, as a fraction of the original MACs
-    max_rounds: int = 8               # searches the macs_target bisection may run
-    round_to: int = 1            # kept channel counts rounded up to multiples of this (hardware-friendly widths)
+    max_searches: int = 8             # searches the macs_target search may run per round and tau
+    rounds: int | str = 1        # rounds of prune + short fine-tune; "auto": until macs_target is met
+    max_auto_rounds: int = 5     # cap on rounds with rounds = "auto"
+    round_epochs: int = 1        # fine-tuning epochs between rounds
+    round_items: int | None = None  # training items each between-round fine-tune uses (None: the whole split)
+    round_to: int = 1            # kept channel counts are multiples of this (hardware-friendly widths)
     ignore: tuple[str, ...] = ()  # module-name patterns never pruned (task heads are left alone anyway)
-    step: float = 0.05           # ratio grid: step, 2 step, ... up to 0.95
+    step: float = 0.05           # ratio grid: step, 2 step, ... up to 0.95 (round_to > 1: every multiple instead)
     probe_ratio: float = 0.3     # share of a unit's channels removed to measure its MACs contribution
     calibration_items: int = 512  # fixed calibration subset the oracle evaluates on
     max_units: int | None = None  # search only the first N units in search order (a cap for cheap runs)
@@ -224,20 +262,38 @@ class PAGCPConfig(ConfigBase):
     def __post_init__(self) -> None:
         _check_range("delta0", self.delta0, 0.0, 1e6, low_open=True)
         _check_range("tau", self.tau, 1.0, 1e12, low_open=True)
+        object.__setattr__(self, "task_tau", _task_taus(self.task_tau))
+        if self.max_tau is not None:
+            _check_range("max_tau", self.max_tau, self.tau, 1e12)
+        _check_range("zero_loss_atol", self.zero_loss_atol, 0.0, 1e6, low_open=True)
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
         if self.macs_target is not None:
             _check_range("macs_target", self.macs_target, 0.0, 1.0, low_open=True, high_open=True)
         _check_range("macs_tolerance", self.macs_tolerance, 0.0, 0.5, low_open=True)
-        if self.max_rounds < 1:
-            raise UsageError(f"max_rounds = {self.max_rounds} must be >= 1")
-        if self.round_to < 1:
-            raise UsageError(f"round_to = {self.round_to} must be >= 1 (1: any width)")
+        _check_count("max_searches", self.max_searches, 1)
+        self._check_rounds()
+        _check_count("round_to", self.round_to, 1, "(1: any width)")
         _check_range("step", self.step, 0.0, 0.95, low_open=True)
         _check_range("probe_ratio", self.probe_ratio, 0.0, 1.0, low_open=True, high_open=True)
-        if self.calibration_items < 1:
-            raise UsageError(f"calibration_items = {self.calibration_items} must be >= 1")
-        if self.max_units is not None and self.max_units < 1:
-            raise UsageError(f"max_units = {self.max_units} must be >= 1 (or None: every unit)")
+        _check_count("calibration_items", self.calibration_items, 1)
+        if self.max_units is not None:
+            _check_count("max_units", self.max_units, 1, "(or None: every unit)")
         if self.saliency not in ("l1", "l2"):
             raise UsageError(f"saliency = {self.saliency!r} is unknown; choose l1 or l2")
         validate_patterns(self.ignore, "--ignore")
+
+    def _check_rounds(self) -> None:
+        if self.rounds == "auto":
+            if self.macs_target is None:
+                raise UsageError("rounds = 'auto' runs until macs_target is met; give macs_target or a number of "
+                                 "rounds")
+        elif not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
+            raise UsageError(f"rounds = {self.rounds!r} must be a whole number >= 1 or 'auto'")
+        _check_count("max_auto_rounds", self.max_auto_rounds, 1)
+        _check_count("round_epochs", self.round_epochs, 0)
+        if self.round_items is not None:
+            _check_count("round_items", self.round_items, 1, "(or None: the whole training split)")
+
+    def tau_of(self, task: str) -> float:
+        """The bound of one task: its own task_tau, else tau."""
+        return dict(self.task_tau).get(task, self.tau)

@@ -355,15 +355,17 @@ def test_fixed_k_allocation_is_monotone_in_the_budget():
                                         ("svd-energy", SVDEnergyConfig(keep=0.5))])
 def test_keep_ratio_met_over_all_parameters(method, cfg):
     model = resnet18()
+    original = copy.deepcopy(model)
     before = n_params(model)
-    result = run(method, model, cfg, torch.randn(1, 3, 32, 32))
+    example = torch.randn(1, 3, 32, 32)
+    result = run(method, model, cfg, example)
     after = n_params(model)
     keep = result.summary["keep"]
     assert keep == {"requested": cfg.keep, "achieved": after / before, "counted_over": "all parameters"}
     assert abs(after - cfg.keep * before) <= KEEP_TOLERANCE * cfg.keep * before, (after / before)
     assert result.summary["allocated_cost"] == after
     assert sum(r["params_after"] - r["params_before"] for r in result.layers) == after - before
-    assert not api.audit(result)
+    assert not api.audit(cfg, result, model, original, Context(example)).problems
 
 
 def test_keep_ratio_met_for_the_resnet_runs(resnet_runs):
@@ -476,15 +478,17 @@ def test_configs_round_trip():
 
 
 def test_audit_fails_a_missed_keep_budget():
-    def result(achieved: float) -> Result:
-        return Result(nn.Identity(), summary={"keep_requested": 0.5, "keep_achieved": achieved,
-                                              "keep_counted_over": "all parameters"})
+    """The audit counts the shipped model's parameters itself: 1001 originally, keep 0.5 within 0.5%."""
+    original, cfg = nn.Linear(1000, 1), ALDSConfig(keep=0.5)
 
-    assert api.audit(result(0.5024)) == []
-    assert api.audit(result(0.4976)) == []
-    problems = api.audit(result(0.4970))
-    assert len(problems) == 1 and "0.497000" in problems[0] and "all parameters" in problems[0]
-    assert api.audit(result(0.5030))
+    def problems(kept_inputs: int) -> list[str]:
+        shipped = nn.Linear(kept_inputs, 1)  # kept_inputs + 1 parameters
+        return api.audit(cfg, Result(shipped), shipped, original, Context(torch.randn(1, 1000))).problems
+
+    assert problems(500) == [] and problems(497) == []  # 0.5005, 0.4975
+    found = problems(495)
+    assert len(found) == 1 and "0.495504" in found[0] and "all parameters" in found[0]
+    assert problems(504)  # 0.5045: above the budget is a miss too
 
 
 # ------------------------------------------------------------------------------------------------ artifact, CLI

@@ -15,6 +15,7 @@ from compress.cli import app
 from compress.config import GlobalMPConfig
 from compress.methods.globalmp import layer_floors
 from compress.models import load_model
+from compress.report.schema import SCHEMA_VERSION
 from tests.conftest import TINY_SPEC
 from tests.factories import PickleBomb, tiny_cnn
 
@@ -31,7 +32,7 @@ def assert_one_line_error(result, code: int) -> str:
     assert result.exit_code == code, result.output
     assert "Traceback" not in result.output
     if result.stdout:  # with --json, stdout carries only the error object
-        assert json.loads(result.stdout) == {"status": "error", "exit_code": code,
+        assert json.loads(result.stdout) == {"schema_version": SCHEMA_VERSION, "status": "error", "exit_code": code,
                                              "error": result.stderr.strip().removeprefix("error: ")}
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
@@ -60,7 +61,8 @@ def test_prune_json_is_the_only_stdout(cli_run):
     assert report["sparsity"]["achieved"] == pytest.approx(k / TINY_N, abs=1e-12)
     assert report["sparsity"]["requested"] == 0.9
     assert report["sparsity"]["counted_over"] == "conv/linear weights"
-    assert report["audit"] == {"ok": True, "problems": []}
+    assert report["audit"]["ok"] is True and report["audit"]["problems"] == []
+    assert report["audit"]["figures"]["pruned"] == k  # recounted on the shipped weights
     assert "latency" not in report
     assert report["out"] == str(out)
     for key in ("schema_version", "command", "config", "seed", "env", "model", "layers", "tasks"):

@@ -4,6 +4,7 @@ artifacts and the CLI (METHODS.md §2 invariants), on tiny seeded models trained
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import warnings
@@ -13,28 +14,23 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 from typer.testing import CliRunner
 
 from compress import api
 from compress.cli import app
 from compress.config import FinetuneConfig, PAGCPConfig
-from compress.errors import UsageError
-from compress.finetune import evaluate, train
+from compress.data import TensorSplit
+from compress.errors import AuditError, UsageError
+from compress.finetune import evaluate, recalibrate_batchnorm, train
 from compress.measure import count_macs, count_params
 from compress.methods import METHODS, Context
-from compress.methods.pagcp import (
-    Oracle,
-    build_graph,
-    grid,
-    prune_unit,
-    removable,
-    saliency,
-    select,
-    solve_lambda,
-)
+from compress.methods.channels import build_graph, candidate_removals, prune_unit, saliency, select
+from compress.methods.pagcp import Oracle, solve_lambda
 from compress.models import build_from_arch, load_model
 from compress.models.multitask import MTNet
-from tests.factories import tiny_cnn
+from compress.tasks import Targets, Task
+from tests.factories import TinyCNN, tiny_cnn
 
 MT_SPEC = "tests.test_pagcp:tiny_mtnet"
 WORKED = [(0.06, 51, 6.0, 0.97739), (0.05, 51, 5.0, 0.98085), (0.06, 40, 6.0, 0.98558), (0.05, 80, 5.0, 0.97271),
@@ -161,7 +157,7 @@ def _replay_states(model, splits, result, cfg):
         unit = units[row["name"]]
         n = unit.channels - row["channels_after"]
         if row["veto_ratio"] is not None and row["veto_reason"] in ("delta", "tau"):
-            vetoed = removable(unit, row["veto_ratio"], cfg.round_to)
+            vetoed = round(row["veto_ratio"] * unit.channels)
             undo = prune_unit(graph, unit, select(saliency(graph, unit), vetoed, unit.chunks))
             vetoed_losses = oracle.losses(work)
             undo()
@@ -178,21 +174,28 @@ def _replay_states(model, splits, result, cfg):
     return steps, l0, work
 
 
+def grid_removals(channels: int) -> list[int]:
+    """Channels the 0.05 ... 0.95 grid removes from a unit, distinct and ascending (computed here, not by compress)."""
+    return sorted({math.floor(0.05 * i * channels + 1e-9) for i in range(1, 20)} - {0})
+
+
 def test_every_accepted_unit_within_delta_and_largest_ratio(trained_mt, canvas, searched):
     pruned, result = searched
     cfg = PAGCPConfig(delta0=0.05, tau=5.0, exp=True)
     steps, l0, work = _replay_states(trained_mt, canvas, result, cfg)
     accepted = 0
     for row, before, losses, vetoed in steps:
+        removals = grid_removals(row["channels_before"])
+        removed = row["channels_before"] - row["channels_after"]
         if losses is not None:
             accepted += 1
             assert (losses / before).max() <= 1 + row["delta"] + 1e-9, row["name"]
-            assert row["ratio"] == max(r for r in grid(cfg.step) if r <= row["ratio"])
+            assert removed in removals
         if row["all_pass"]:
-            assert row["ratio"] == grid(cfg.step)[-1] and row["vetoed_by"] is None
-        elif vetoed is not None:  # the next grid value fails the oracle, for the task the log names
-            assert row["veto_ratio"] == pytest.approx(row["searched_ratio"] + cfg.step if row["searched_ratio"]
-                                                      else cfg.step)
+            assert removed == removals[-1] and row["vetoed_by"] is None
+        elif vetoed is not None:  # the next candidate of the grid fails the oracle, for the task the log names
+            following = [n for n in removals if n > removed][0]
+            assert round(row["veto_ratio"] * row["channels_before"]) == following
             rises = vetoed / before  # the baseline moves only once the unit is accepted
             assert rises.max() > 1 + row["delta"] or (vetoed / l0).max() > cfg.tau
             names = [t.name for t in canvas.tasks]
@@ -203,15 +206,44 @@ def test_every_accepted_unit_within_delta_and_largest_ratio(trained_mt, canvas, 
         assert all(torch.equal(a, b) for a, b in zip(work(x), pruned(x)))
 
 
+def calibration_losses(model: nn.Module, split, tasks) -> np.ndarray:
+    """Every task's mean calibration loss, computed here with torch.nn.functional (not by the method's oracle)."""
+    model.eval()
+    with torch.no_grad():
+        out = model(split.x)
+    losses = []
+    for task in tasks:
+        pred, y = task.pick_output(out), task.pick_target(split.y)
+        if task.loss == "cross_entropy":
+            losses.append(float(F.cross_entropy(pred, y)))
+        elif task.loss == "bce":
+            losses.append(float(F.binary_cross_entropy_with_logits(pred, y.float())))
+        else:
+            losses.append(float((pred - y.float()).abs().mean()))
+    return np.array(losses)
+
+
+def assert_within_bound(model, reference, splits, taus, items=512):
+    """Each task's calibration loss of `model` at most tau_t times `reference`'s (recomputed independently)."""
+    split, tasks = splits.calibration.subset(items), splits.tasks
+    now, before = calibration_losses(model, split, tasks), calibration_losses(reference, split, tasks)
+    taus = np.array([taus.get(t.name, taus.get("*")) for t in tasks]) if isinstance(taus, dict) else taus
+    assert (now <= taus * before * (1 + 1e-5)).all(), dict(zip([t.name for t in tasks], now / before))
+    return now / before
+
+
+def finalize_on(splits):
+    """The run's own finalization: BatchNorm re-estimated on the calibration split."""
+    return lambda model: recalibrate_batchnorm(model, splits.calibration)
+
+
 def test_final_loss_within_tau(trained_mt, canvas, searched):
     pruned, result = searched
-    calibration = canvas.calibration.subset(512)
-    oracle = Oracle(calibration.x, calibration.y, canvas.tasks)
-    final, original = oracle.losses(pruned), oracle.losses(trained_mt)
-    assert (final / original).max() <= 5.0
-    assert result.summary["tau_bound_ok"]
-    assert result.summary["losses_after"]["class"] == pytest.approx(final[0])
-    assert result.summary["macs_keep"] < 0.95  # it did prune
+    ratios = assert_within_bound(pruned, trained_mt, canvas, 5.0)
+    assert ratios.max() > 1.2  # the bound was used, not trivially met by pruning nothing
+    assert result.summary["losses_after"]["class"] == pytest.approx(calibration_losses(
+        pruned, canvas.calibration.subset(512), canvas.tasks)[0], rel=1e-5)
+    assert count_macs(pruned, canvas.test.x[:1]).macs < 0.95 * count_macs(trained_mt, canvas.test.x[:1]).macs
 
 
 def test_params_and_macs_equal_the_counter(canvas, searched):
@@ -240,19 +272,212 @@ def test_top_p_keeps_smallest_scores(trained_mt, canvas):
             assert row["channels_after"] == row["channels_before"] and row["ratio"] == 0.0
 
 
-def test_round_to_gives_multiples(trained_mt, canvas):
-    _, result = run(trained_mt, canvas, delta0=0.2, tau=50.0, round_to=4)
-    for row in result.layers:
-        assert row["channels_after"] == row["channels_before"] or row["channels_after"] % 4 == 0, row
+def test_round_to_tries_every_multiple_of_r(digits):
+    """A 32-channel unit with round_to 8 is tried at widths 24, 16 and 8 exactly (seen in its real forward)."""
+    model = TinyCNN(width=16).eval()  # units: features.0 (16), features.3 (32), features.6 (32)
+    widths: set[int] = set()
+    model.features[3].register_forward_hook(lambda _m, _i, out: widths.add(out.shape[1]))
+    graph = build_graph(copy.deepcopy(model), digits.test.x[:1])
+    unit = next(u for u in graph.units if u.name == "features.3")
+    assert [unit.channels - n for n in candidate_removals(unit, 0.05, 8)] == [24, 16, 8]
+    narrow = next(u for u in graph.units if u.name == "features.0")
+    assert candidate_removals(narrow, 0.05, 16) == []  # narrower than 2 x round_to: left alone
+    pruned = copy.deepcopy(model)
+    result = METHODS["pagcp"].apply(pruned, PAGCPConfig(delta0=1e6, tau=1e12, round_to=8),
+                                    Context(digits.test.x[:1], digits))
+    assert widths - {32, 32 - math.floor(0.3 * 32)} == {24, 16, 8}  # (23: the 30% probe that prices the unit)
+    for name in ("features.0", "features.3", "features.6"):
+        assert pruned.get_submodule(name).out_channels == 8  # all passed: the narrowest multiple of 8
+    rows = {r["name"]: r for r in result.layers}
+    assert rows["features.3"]["candidate_widths"] == [24, 16, 8]
 
 
-def test_macs_target_is_reached(trained_mt, canvas):
-    pruned, result = run(trained_mt, canvas, delta0=0.05, tau=5.0, exp=True, macs_target=0.5, macs_tolerance=0.03)
-    summary = result.summary
-    assert summary["target_met"]
-    assert abs(summary["macs_keep"] - 0.5) <= 0.03
-    assert summary["macs_after"] == count_macs(pruned, canvas.test.x[:1]).macs
-    assert sum(r["chosen"] for r in summary["rounds"]) == 1
+def test_round_to_dry_run_names_units_left_alone(trained_mt, canvas):
+    listing = METHODS["pagcp"].plan(copy.deepcopy(trained_mt), PAGCPConfig(round_to=8),
+                                    Context(canvas.test.x[:1], canvas))
+    narrow = {u["name"] for u in listing["units"] if u["channels"] < 16}
+    assert narrow and narrow == {s["name"] for s in listing["skipped"] if "round_to" in s["reason"]}
+    assert all(w % 8 == 0 for u in listing["units"] for w in u["candidate_widths"])
+
+
+def _prune_mt(trained_mt, tmp_path, name, **cfg):
+    """api.prune of the trained tiny multitask model on digits-canvas: (report, shipped model, exit code)."""
+    weights = tmp_path / "mt.pt"
+    if not weights.exists():
+        torch.save(trained_mt.state_dict(), weights)
+    try:
+        report = api.prune(api.ModelSource(spec=MT_SPEC, weights=str(weights)), PAGCPConfig(**cfg),
+                           api.RunOptions(out=tmp_path / name, data="digits-canvas", latency=False, command="test"),
+                           FinetuneConfig(epochs=0, lr=0.02, batch_size=32, label_smoothing=0.0))
+        code = 0
+    except AuditError as exc:
+        report, code = exc.report, exc.exit_code
+    return report, load_model(str(tmp_path / name)).model.eval(), code
+
+
+def test_macs_target_with_round_to_keeps_the_users_tau(trained_mt, canvas, tmp_path):
+    report, shipped, code = _prune_mt(trained_mt, tmp_path, "r8", macs_target=0.5, round_to=8, exp=True)
+    searches = [s for r in report["summary"]["rounds"] for s in r["searches"]]
+    assert searches and all(s["tau"] == 5.0 for s in searches)
+    assert all(s["delta0"] <= 4.0 for s in searches)  # delta0 in (0, tau - 1]
+    assert_within_bound(shipped, trained_mt, canvas, 5.0)
+    keep = count_macs(shipped, canvas.test.x[:1]).macs / count_macs(trained_mt, canvas.test.x[:1]).macs
+    if code == 0:
+        assert abs(keep - 0.5) <= 0.02 and report["summary"]["target_met"]
+    else:
+        assert code == 6 and not report["summary"]["target_met"] and f"{keep:.4f}" in report["audit"]["problems"][0]
+    original = dict(trained_mt.named_modules())
+    for name, module in shipped.named_modules():
+        if isinstance(module, nn.Conv2d) and module.out_channels != original[name].out_channels:
+            assert module.out_channels % 8 == 0, name
+
+
+def test_unreachable_target_exits_6_with_what_was_reached(trained_mt, canvas, tmp_path):
+    weights = tmp_path / "mt.pt"
+    torch.save(trained_mt.state_dict(), weights)
+    out = tmp_path / "miss"
+    result = CliRunner().invoke(app, ["prune", "--method", "pagcp", "--model", MT_SPEC, "--weights", str(weights),
+                                      "--data", "digits-canvas", "--macs-target", "0.05", "--exp", "--no-latency",
+                                      "--quiet", "--out", str(out)])
+    assert result.exit_code == 6, result.output
+    report = json.loads((out / "report.json").read_text())
+    shipped = load_model(str(out)).model
+    keep = count_macs(shipped, canvas.test.x[:1]).macs / count_macs(trained_mt, canvas.test.x[:1]).macs
+    assert keep > 0.07 and report["summary"]["target_met"] is False and report["status"] == "audit_failed"
+    assert report["summary"]["macs_keep"] == pytest.approx(keep)
+    assert f"kept {keep:.4f} of the original MACs" in result.stderr and "--tau" in result.stderr
+    assert "--rounds auto" in result.stderr
+    assert_within_bound(shipped, trained_mt, canvas, 5.0)
+
+
+def test_target_is_met_from_both_sides(trained_mt, canvas, tmp_path):
+    """0.7 lies above what delta0 = 0.05 prunes: the selection is trimmed back (a unit taken partially)."""
+    report, shipped, code = _prune_mt(trained_mt, tmp_path, "t07", macs_target=0.7, exp=True)
+    keep = count_macs(shipped, canvas.test.x[:1]).macs / count_macs(trained_mt, canvas.test.x[:1]).macs
+    if code == 0:
+        assert abs(keep - 0.7) <= 0.02
+    else:
+        assert code == 6 and keep < 0.68 and "below the target" in report["audit"]["problems"][0]
+    assert report["summary"]["rounds"][0]["trimmed_to_target"]
+    assert_within_bound(shipped, trained_mt, canvas, 5.0)
+
+
+def test_extreme_settings_and_zero_loss_task_do_not_overflow(trained_cnn, digits):
+    pruned, result = run(trained_cnn, digits, delta0=1e-6, tau=1e12, exp=True, macs_target=0.5)
+    assert math.isfinite(result.summary["lambda"]) and result.summary["macs_keep"] < 1
+    json.dumps(result.summary, allow_nan=False)
+    model, splits = ExactZeroHead(trained_cnn), ZeroTaskSplits(digits)
+    pruned = copy.deepcopy(model)
+    result = METHODS["pagcp"].apply(pruned, PAGCPConfig(delta0=0.1, exp=True, macs_target=0.6),
+                                    Context(digits.test.x[:1], splits, tasks=splits.tasks))
+    assert result.summary["losses_before"]["zero"] == 0.0 and result.summary["loss_ratios"]["zero"] is None
+    assert result.summary["macs_keep"] < 0.9  # the classification task still let channels go
+    json.dumps(result.summary, allow_nan=False)
+    assert calibration_losses(pruned, splits.calibration, splits.tasks)[1] <= 1e-6
+
+
+class ExactZeroHead(nn.Module):
+    """A classifier with a second output that is exactly zero: a head whose loss is 0 before and after pruning."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = copy.deepcopy(body)
+
+    def forward(self, x):
+        logits = self.body(x)
+        return logits, logits[:, :1] * 0.0
+
+
+class ZeroTaskSplits:
+    """digits with a second task ("zero", L1 to an all-zero target) whose original loss is exactly 0."""
+
+    def __init__(self, digits) -> None:
+        self.tasks = (Task("class", output=0, target="class"),
+                      Task("zero", "l1", "pixel_error", output=1, target="zero"))
+        self.calibration = self._split(digits.calibration)
+        self.test = self._split(digits.test)
+
+    def _split(self, split):
+        return TensorSplit(split.x, Targets({"class": split.y, "zero": torch.zeros(len(split.y), 1)}, self.tasks))
+
+
+def test_top_p_and_target_prefix_hold_the_bound(trained_mt, canvas):
+    ctx = Context(canvas.test.x[:1], canvas, tasks=canvas.tasks, finalize=finalize_on(canvas))
+    for cfg in (PAGCPConfig(delta0=0.2, tau=1.5, exp=True, top_p=0.5), PAGCPConfig(tau=1.5, macs_target=0.75)):
+        pruned = copy.deepcopy(trained_mt)
+        result = METHODS["pagcp"].apply(pruned, cfg, ctx)
+        assert result.summary["macs_keep"] < 0.95
+        assert_within_bound(pruned, trained_mt, canvas, 1.5)
+
+
+def test_selection_drops_units_until_the_bound_holds(trained_mt, canvas):
+    """A selection searched under tau 5, held to tau 1.05: units go until every task is within 1.05."""
+    from compress.methods import pagcp
+
+    cfg = PAGCPConfig(delta0=0.3, tau=5.0)
+    calibration = canvas.calibration.subset(512)
+    oracle = Oracle(calibration.x, calibration.y, canvas.tasks)
+    example = canvas.test.x[:1]
+    graph = build_graph(copy.deepcopy(trained_mt), example)
+    pagcp.probe_contributions(graph, example, cfg.probe_ratio)
+    reference = oracle.losses(trained_mt)
+    search = pagcp.run_search(trained_mt, graph.units, cfg, cfg.delta0, pagcp.make_bound(cfg, canvas.tasks),
+                              reference, oracle, example, {}, None)
+    kept = pagcp.select_top(search, 1.0)
+    strict = pagcp.make_bound(PAGCPConfig(tau=1.05), canvas.tasks)
+    selection = pagcp.hold_bound(trained_mt, pagcp.removals_of(kept), kept, strict, reference, oracle, example, cfg,
+                                 finalize_on(canvas))
+    assert selection.dropped and len(selection.removals) == len(kept) - len(selection.dropped)
+    assert_within_bound(selection.model, trained_mt, canvas, 1.05)
+
+
+def test_task_tau_bounds_one_task(trained_mt, canvas):
+    ctx = Context(canvas.test.x[:1], canvas, tasks=canvas.tasks, finalize=finalize_on(canvas))
+    pruned = copy.deepcopy(trained_mt)
+    METHODS["pagcp"].apply(pruned, PAGCPConfig(delta0=0.3, tau=5.0, task_tau={"position": 1.1}), ctx)
+    ratios = assert_within_bound(pruned, trained_mt, canvas, {"position": 1.1, "*": 5.0})
+    assert ratios.max() > 1.1  # the other tasks used their looser bound
+    with pytest.raises(UsageError, match="posit.*tasks"):
+        METHODS["pagcp"].apply(copy.deepcopy(trained_mt), PAGCPConfig(task_tau={"posit": 2}), ctx)
+
+
+def test_rounds_reach_a_target_beyond_one_round(trained_mt, canvas):
+    """tau 1.5: one round keeps about 0.6 of the MACs; rounds with fine-tuning between them reach 0.35, and every
+    round keeps every task within tau of the model that entered it (checked on snapshots taken here)."""
+    cfg = dict(delta0=0.05, tau=1.5, exp=True, macs_target=0.35)
+    ctx = Context(canvas.test.x[:1], canvas, tasks=canvas.tasks, finalize=finalize_on(canvas))
+    one = METHODS["pagcp"].apply(copy.deepcopy(trained_mt), PAGCPConfig(**cfg), ctx)
+    assert one.summary["target_state"] == "short"
+    entries, exits = [copy.deepcopy(trained_mt)], []
+
+    def finetune(model, epochs, items):
+        exits.append(copy.deepcopy(model))
+        train(model, canvas, FinetuneConfig(epochs=epochs, lr=0.02, batch_size=32, label_smoothing=0.0),
+              device=torch.device("cpu"))
+        entries.append(copy.deepcopy(model.eval()))
+
+    pruned = copy.deepcopy(trained_mt)
+    result = METHODS["pagcp"].apply(pruned, PAGCPConfig(**cfg, rounds="auto"),
+                                    dataclasses.replace(ctx, finetune=finetune))
+    exits.append(pruned)
+    assert len(result.summary["rounds"]) == len(entries) >= 2
+    for entry, exit_ in zip(entries, exits):
+        assert_within_bound(exit_, entry, canvas, 1.5)
+    keep = count_macs(pruned, canvas.test.x[:1]).macs / count_macs(trained_mt, canvas.test.x[:1]).macs
+    assert abs(keep - 0.35) <= 0.02 and result.summary["target_met"]
+
+
+def test_oracle_probes_as_shipped_and_puts_statistics_back(trained_mt, canvas):
+    calibration = canvas.calibration.subset(512)
+    oracle = Oracle(calibration.x, calibration.y, canvas.tasks, as_shipped=True)
+    model = copy.deepcopy(trained_mt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probed = oracle.probe(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    recalibrated = copy.deepcopy(trained_mt)
+    recalibrate_batchnorm(recalibrated, TensorSplit(calibration.x[:256], calibration.y[:256]))
+    assert probed == pytest.approx(calibration_losses(recalibrated, calibration, canvas.tasks), rel=1e-4)
+    assert not np.allclose(probed, oracle.losses(model))  # re-estimation changed something
 
 
 def test_single_task_classifier(trained_cnn, digits):

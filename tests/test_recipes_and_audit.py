@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -14,7 +16,7 @@ from compress.cli import app
 from compress.config import GlobalMPConfig, load_recipe
 from compress.data import datasets
 from compress.errors import UsageError
-from compress.methods import Result
+from compress.methods import METHODS, Context
 from tests.conftest import TINY_SPEC
 
 runner = CliRunner()
@@ -62,14 +64,24 @@ def test_shipped_recipes_are_valid() -> None:
             GlobalMPConfig.from_dict(recipe["config"])
 
 
-def test_audit_names_a_missed_target_and_a_broken_floor(tiny_model) -> None:
-    result = Result(tiny_model, summary={"requested": 0.9, "achieved": 0.8, "pruned": 80, "target_pruned": 90},
-                    layers=[{"name": "fc", "kept": 3, "floor": 5}])
-    problems = api.audit(result)
-    assert any("requested 90" in p for p in problems)
-    assert any("fc" in p and "floor 5" in p for p in problems)
-    assert api.audit(Result(tiny_model, summary={"pruned": 90, "target_pruned": 90},
-                            layers=[{"name": "fc", "kept": 5, "floor": 5}])) == []
+def test_audit_names_a_missed_target_and_a_broken_floor(tiny_model, digits) -> None:
+    """GlobalMP's audit reads the shipped weights: a pruned weight brought back, or a layer emptied below its
+    floor, is named."""
+    cfg = GlobalMPConfig(sparsity=0.9, min_keep=0.05)
+    original = copy.deepcopy(tiny_model)
+    result = METHODS["globalmp"].apply(tiny_model, cfg, Context(digits.test.x[:1], digits))
+    ctx = Context(digits.test.x[:1], digits)
+    assert api.audit(cfg, result, tiny_model, original, ctx).problems == []
+    with torch.no_grad():
+        weight = tiny_model.fc.weight
+        revived = (weight == 0).nonzero()[0]
+        weight[tuple(revived)] = 1.0  # one pruned weight is no longer zero
+        problems = api.audit(cfg, result, tiny_model, original, ctx).problems
+        assert len(problems) == 1 and "requested" in problems[0]
+        weight[tuple(revived)] = 0.0
+        weight.zero_()  # the classifier below its 5% floor
+        problems = api.audit(cfg, result, tiny_model, original, ctx).problems
+    assert any("fc" in p and "floor" in p for p in problems)
 
 
 def test_same_seed_same_artifact_bytes(tmp_path: Path) -> None:

@@ -27,8 +27,8 @@ from torch import nn
 from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig, matches
 from compress.errors import UsageError
 from compress.measure import count_macs
-from compress.methods.base import KEEP_TOLERANCE, Context, Result, register
-from compress.models.loader import register_transform
+from compress.methods.base import KEEP_TOLERANCE, AuditOutcome, Context, Result, register
+from compress.models.transforms import register_transform
 
 FIXED_K_SEEDS = (3, 5, 7, 9)    # the first seeds of the k search: per layer, the divisor of c nearest to these
 GRAM_FINE_LIMIT = 1 << 24       # elements of the finest-level Gram stack reused for coarser k (else per k)
@@ -638,7 +638,26 @@ def _final(model: nn.Module, candidates: list[Candidate], ks: list[int], budget:
     return allocation, factors, curves
 
 
-@register("alds", ALDSConfig)
+def audit(result: Result, cfg: SVDConfig | ALDSConfig, shipped: nn.Module, original: nn.Module,
+          ctx: Context) -> AuditOutcome:
+    """The kept fraction of all parameters (or of MACs with macs_keep), counted afresh on the shipped and the
+    original model, within KEEP_TOLERANCE of the request."""
+    outcome = AuditOutcome()
+    if cfg.macs_keep is not None:
+        requested, over = cfg.macs_keep, "MACs"
+        achieved = count_macs(shipped, ctx.example_inputs).macs / count_macs(original, ctx.example_inputs).macs
+    else:
+        requested, over = cfg.keep, "all parameters"
+        achieved = sum(p.numel() for p in shipped.parameters()) / sum(p.numel() for p in original.parameters())
+    outcome.figures.update(keep_achieved=achieved, counted_over=over)
+    if abs(achieved - requested) > KEEP_TOLERANCE * requested:
+        outcome.problems.append(f"kept {achieved:.6f} of {over}, requested {requested} (off by more than "
+                                f"{KEEP_TOLERANCE:.1%}; on small layers one rank step can be larger than that: change "
+                                "the keep ratio slightly)")
+    return outcome
+
+
+@register("alds", ALDSConfig, audit=audit)
 def apply(model: nn.Module, cfg: ALDSConfig, ctx: Context) -> Result:
     """Decompose `model` in place: k per layer by the seeded search, then ranks at the common error level eps*."""
     candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx, cfg.groups)
@@ -651,7 +670,7 @@ def apply(model: nn.Module, cfg: ALDSConfig, ctx: Context) -> Result:
     return Result(model, layers=rows, summary=summary, transforms=transforms)
 
 
-@register("svd", SVDConfig)
+@register("svd", SVDConfig, audit=audit)
 def apply_svd(model: nn.Module, cfg: SVDConfig, ctx: Context) -> Result:
     """Truncated SVD (k = 1) with one relative rank in every layer, chosen to meet the budget."""
     candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx)
@@ -667,7 +686,7 @@ def apply_svd(model: nn.Module, cfg: SVDConfig, ctx: Context) -> Result:
     return Result(model, layers=rows, summary=summary, transforms=transforms)
 
 
-@register("svd-energy", SVDEnergyConfig)
+@register("svd-energy", SVDEnergyConfig, audit=audit)
 def apply_svd_energy(model: nn.Module, cfg: SVDEnergyConfig, ctx: Context) -> Result:
     """Truncated SVD (k = 1) keeping in every layer the smallest rank with a common fraction of Frobenius energy."""
     candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx)

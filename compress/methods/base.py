@@ -26,6 +26,13 @@ class Context:
     seed: int = 0
     progress: Callable[[str, int, int], None] | None = None
     tasks: tuple[Any, ...] | None = None  # compress.tasks.Task per model output; None: one classification task
+    # What the run does to a compressed model before it ships (BatchNorm re-estimation); None: nothing.
+    finalize: Callable[[nn.Module], Any] | None = None
+    # A short fine-tune (model, epochs, training items or None for all) for methods that prune in rounds.
+    finetune: Callable[[nn.Module, int, int | None], Any] | None = None
+    # The run's own evaluation: per-task mean loss of a model on a split (audits recompute with it, not with the
+    # method's bookkeeping).
+    task_losses: Callable[[nn.Module, Any], dict[str, float]] | None = None
 
 
 @dataclass
@@ -39,28 +46,44 @@ class Result:
     step_hook: Callable[[int, int], None] | None = None  # for schedules that prune during fine-tuning
     refresh: Callable[[], Result] | None = None  # recompute stats after fine-tuning changed the masks
     transforms: list[dict[str, Any]] = field(default_factory=list)  # structural edits, replayed from arch.json
+    reference: nn.Module | None = None  # the model a method's bound is stated against (None: the original)
+
+
+@dataclass
+class AuditOutcome:
+    """What an audit found on the model that ships: problems (exit 6 when any) and the figures it measured."""
+
+    problems: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
 
 
 ApplyFn = Callable[[nn.Module, Any, Context], Result]
+# (result, config, shipped model, original model, context): the method's promise checked on what ships
+AuditFn = Callable[[Result, Any, nn.Module, nn.Module, Context], AuditOutcome]
+PlanFn = Callable[[nn.Module, Any, Context], dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its CLI name, config type and apply function."""
+    """A registered method: its CLI name, config type, apply function, audit and dry-run plan."""
 
     name: str
     config_type: type[ConfigBase]
     apply: ApplyFn
+    audit: AuditFn | None = None
+    plan: PlanFn | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config_type: type[ConfigBase]) -> Callable[[ApplyFn], ApplyFn]:
-    """Decorator: make `apply(model, cfg, ctx) -> Result` available as `--method name`."""
+def register(name: str, config_type: type[ConfigBase], *, audit: AuditFn | None = None,
+             plan: PlanFn | None = None) -> Callable[[ApplyFn], ApplyFn]:
+    """Decorator: make `apply(model, cfg, ctx) -> Result` available as `--method name`, with the method's audit
+    (what "target met" means for it) and its dry-run plan."""
 
     def wrap(fn: ApplyFn) -> ApplyFn:
-        METHODS[name] = MethodSpec(name, config_type, fn)
+        METHODS[name] = MethodSpec(name, config_type, fn, audit, plan)
         return fn
 
     return wrap

@@ -16,7 +16,7 @@ from torch import nn
 
 from compress.config import GlobalMPConfig, matches
 from compress.errors import UsageError
-from compress.methods.base import Context, Masks, Result, register
+from compress.methods.base import AuditOutcome, Context, Masks, Result, register
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 GRADUAL_EVENTS = 10          # pruning steps in the cubic schedule
@@ -169,7 +169,28 @@ class GradualSchedule:
         self.events.append((step, sparsity))
 
 
-@register("globalmp", GlobalMPConfig)
+def audit(result: Result, cfg: GlobalMPConfig, shipped: nn.Module, original: nn.Module,
+          ctx: Context) -> AuditOutcome:
+    """Exactly round(s x N) of the ranked weights pruned, zero in the shipped weights, and every layer at or
+    above its floor (counted on the shipped weights)."""
+    outcome = AuditOutcome()
+    params = dict(shipped.named_parameters())
+    total = sum(mask.numel() for mask in result.masks.values())
+    pruned = sum(int((mask == 0).sum()) for mask in result.masks.values())
+    zeros = sum(int((params[name] == 0).sum()) for name in result.masks)
+    target = int(round(cfg.sparsity * total))
+    outcome.figures.update(pruned=pruned, zero_weights=zeros, target_pruned=target)
+    if pruned != target or zeros < target:
+        outcome.problems.append(f"pruned {pruned} weights ({zeros} zero in the shipped model), requested {target} "
+                                f"(sparsity {pruned / max(total, 1):.6f} vs {cfg.sparsity})")
+    for layer in result.layers:
+        kept = int(params[f"{layer['name']}.weight"].count_nonzero())
+        if kept < layer.get("floor", 0):
+            outcome.problems.append(f"layer {layer['name']} keeps {kept} weights, below its floor {layer['floor']}")
+    return outcome
+
+
+@register("globalmp", GlobalMPConfig, audit=audit)
 def apply(model: nn.Module, cfg: GlobalMPConfig, ctx: Context) -> Result:
     """Prune `model` in place by global magnitude with floors.
 

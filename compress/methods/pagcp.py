@@ -1,22 +1,17 @@
 """PAGCP: performance-aware global channel pruning for multitask CNNs (Ye et al., TPAMI 2023; METHODS.md §2).
 
-Units are Torch-Pruning dependency groups: a convolution's output channels together with everything coupled to
-them (residual adds, concats, norms, depthwise convolutions, the consumers' input channels). Layers that produce
-a model output (every task's head) are found from the graph and never pruned; their inputs shrink.
+The units and their physical removal come from `compress.methods.channels` (Torch-Pruning dependency groups;
+task heads are never pruned). The search runs on one working copy: each unit, in probe order, loses the largest
+candidate width whose every task's calibration loss stays within 1 + delta_i of the running baseline and within
+tau_t times the round's reference (the model as given). Probes are evaluated as the model will ship: when the
+run re-estimates BatchNorm statistics before shipping, every probe does too, on a fixed calibration batch.
 
-The search runs on one working copy with one dependency graph: a probe prunes a unit in place, evaluates, and
-puts the touched modules' tensors and attributes back (tp replaces parameters rather than editing them, so the
-originals are kept by reference). Each unit is pruned by the largest ratio of the grid whose every task's
-calibration loss stays within 1 + delta_i of the running baseline, and within tau of the original (which
-without `exp`, where delta stays delta0, is what bounds the total). The pruning that top-P keeps is then
-replayed on the caller's model with the channel indices the search chose (a unit's output-channel indices are
-the original ones: units are disjoint and each is pruned once), so with top_p = 1 the result is exactly the
-searched model.
-
-`macs_target`: the search is repeated with delta0 scaled by s and tau raised to the power s (lambda recomputed),
-s found by bracketing (x4 steps) then geometric bisection, until the kept MACs are within `macs_tolerance` of
-the target; the run closest to the target from below (or, if none reaches it, the one pruning most) is kept and
-`target_met` says whether it reached the target.
+The promise is the user's tau: it is never scaled. A MACs target varies delta0 only, in (0, tau - 1] (lambda
+recomputed); an explicit `max_tau` may loosen tau up to that ceiling (reported as `tau_used`). The selection
+(top-P, then the fewest units by score that land inside the target's tolerance, the last one taken partially)
+is evaluated as a whole, as shipped, and units are dropped until the bound holds. A target one round cannot
+reach is reported as a miss (exit 6), or reached in rounds of pruning and short fine-tuning (`rounds`). The
+audit recomputes every task's calibration loss and the MACs of the shipped model with the run's own code.
 """
 
 from __future__ import annotations
@@ -34,17 +29,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.config import PAGCPConfig, matches
+from compress.config import PAGCPConfig
 from compress.errors import UsageError
 from compress.measure import count_macs, count_params
-from compress.methods.base import Context, Result, register
-from compress.models.loader import register_transform
+from compress.methods.base import AuditOutcome, Context, Result, register
+from compress.methods.channels import (
+    Graph,
+    Unit,
+    build_graph,
+    candidate_removals,
+    channel_transform,
+    probe_contributions,
+    prune_unit,
+    replay,
+    saliency,
+    select,
+)
 from compress.tasks import CLASSIFICATION, Tasks
 
-TRANSFORM = "channels"
 EVAL_BATCH = 256
-SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
-               "num_channels", "num_parameters", "normalized_shape", "embedding_dim")
+BN_ITEMS = 256        # calibration items each probe re-estimates BatchNorm statistics on
+RTOL = 1e-6           # float noise allowed on top of a bound (losses are float32 means)
+Progress = Callable[[str, int, int], None] | None
 
 
 # ---------------------------------------------------------------------------------------------------- lambda
@@ -80,253 +86,97 @@ def solve_lambda(delta0: float, tau: float, units: int) -> float:
     return 0.5 * (lo + hi)
 
 
-# ----------------------------------------------------------------------------------------------------- units
+# ----------------------------------------------------------------------------------------------------- bound
 
 
-@dataclass
-class Unit:
-    """A prunable set of coupled output channels, rooted at one Conv/Linear."""
+@dataclass(frozen=True)
+class Bound:
+    """Per-task limits on calibration loss against a reference: loss_t <= max(factor_t x reference_t, atol).
 
-    index: int                   # discovery order
-    name: str                    # root module name
-    kind: str
-    channels: int
-    members: list[str]           # modules whose output channels go (conv, linear, norms)
-    consumers: list[str]         # modules whose input channels go
-    chunks: int = 1              # grouped convolutions: channels removed at the same positions in each chunk
-    contribution: int = 0        # MACs removed by the probe (probe_ratio of the channels)
-    probe_removed: int = 0
+    The absolute floor `atol` is what a task whose reference loss is 0 may reach (no ratio, no division)."""
 
+    tau: float            # the bound behind the delta schedule (the user's tau, or tau_used)
+    taus: np.ndarray      # per task: its task_tau, else tau
+    atol: float
 
-@dataclass
-class Graph:
-    """A model, its dependency graph, and the units and what was left alone."""
+    def over(self, losses: np.ndarray, reference: np.ndarray, factor: np.ndarray | float) -> np.ndarray:
+        """Per task: whether `losses` exceed factor x reference (or atol)."""
+        return losses > np.maximum(reference * factor, self.atol) * (1 + RTOL)
 
-    model: nn.Module
-    dg: Any
-    units: list[Unit]
-    heads: list[str]
-    ignored: list[str]
-    skipped: list[dict[str, str]]
-    modules: dict[str, nn.Module] = field(default_factory=dict)
+    def broken(self, losses: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        return self.over(losses, reference, self.taus)
 
 
-def _tp():
-    import torch_pruning as tp
-
-    return tp
-
-
-@contextmanager
-def _module_stack(model: nn.Module) -> Iterator[list[str]]:
-    """The names of the modules running now (innermost last), for naming the module that broke a trace."""
-    stack: list[str] = []
-    names = {m: n for n, m in model.named_modules()}
-    handles = []
-
-    def enter(module: nn.Module, _inputs: Any) -> None:
-        stack.append(names[module])
-
-    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
-        if stack:
-            stack.pop()
-
-    for module in model.modules():
-        handles.append(module.register_forward_pre_hook(enter))
-        handles.append(module.register_forward_hook(leave))
-    try:
-        yield stack
-    finally:
-        for h in handles:
-            h.remove()
+def make_bound(cfg: PAGCPConfig, tasks: Tasks, tau: float | None = None) -> Bound:
+    """The bound of a run; `tau` (a loosened global tau, up to max_tau) leaves the per-task bounds as given."""
+    names = [t.name for t in tasks]
+    unknown = sorted(set(dict(cfg.task_tau)) - set(names))
+    if unknown:
+        raise UsageError(f"task_tau names {unknown}, which the model's tasks do not have; its tasks: {names}")
+    tau = cfg.tau if tau is None else tau
+    own = dict(cfg.task_tau)
+    return Bound(tau, np.array([own.get(n, tau) for n in names], dtype=float), cfg.zero_loss_atol)
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flatten(o)]
-    return []
-
-
-def build_graph(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> Graph:
-    """Trace `model` with Torch-Pruning and list its units; heads, ignored and unprunable groups are left alone."""
-    tp = _tp()
-    captured: list[Any] = []
-    was_training = model.training
-    model.eval()
-    with _module_stack(model) as stack, torch.enable_grad():
-        try:
-            dg = tp.DependencyGraph().build_dependency(
-                model, example, forward_fn=lambda m, x: m(x), verbose=False,
-                output_transform=lambda out: captured.append(out) or out)
-        except Exception as exc:  # noqa: BLE001 - tracing raises anything the model's forward can raise
-            where = stack[-1] if stack else ""
-            module = model.get_submodule(where) if where else model
-            label = f"module {where!r} ({type(module).__name__})" if where else f"{type(model).__name__}"
-            first = (str(exc).splitlines() or [""])[0][:200]
-            raise UsageError(f"Torch-Pruning cannot trace {label}: {type(exc).__name__}: {first}; make its forward "
-                             "traceable with autograd (tensor outputs, no torch.no_grad or in-place edits of its "
-                             "input) or prune a model without it") from None
-    model.train(was_training)
-    outputs = _flatten(captured[0]) if captured else []
-    roots = {id(o.grad_fn) for o in outputs if o.grad_fn is not None}
-    names = {m: n for n, m in model.named_modules()}
-    root_nodes = {node for node in dg.module2node.values() if id(node.grad_fn) in roots}
-    conv, linear = tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR
-    user_ignored = {m for n, m in model.named_modules() if n and any(matches(n, p) for p in ignore)}
-    units, heads, ignored, skipped = [], [], [], []
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=(conv, linear)):
-        root = group[0].dep.target.module
-        out_members = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)
-                       and isinstance(dep.target.module, nn.Module) and dep.target.module in names]
-        reaches_output = any(dep.target in root_nodes and (dep.target.type == tp.ops.OPTYPE.OUTPUT or
-                                                           dg.is_out_channel_pruning_fn(dep.handler))
-                             for dep, _ in group)
-        layer_names = [names[m] for m in out_members if isinstance(m, (conv, linear))]
-        if reaches_output:
-            heads.extend(layer_names)
-            continue
-        if any(m in user_ignored for m in out_members):
-            ignored.extend(layer_names)
-            continue
-        pruner = dg.get_pruner_of_module(root)
-        channels = pruner.get_out_channels(root)
-        chunks = 1
-        for dep, _ in group:
-            m = dep.target.module
-            if isinstance(m, conv) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
-                chunks = math.lcm(chunks, m.groups)
-        if channels is None or channels < 2:
-            skipped.append({"name": names.get(root, "?"), "reason": "fewer than 2 output channels"})
-            continue
-        if channels % chunks or channels // chunks < 2 and chunks > 1:
-            skipped.append({"name": names[root], "reason": f"channels {channels} do not split into {chunks} "
-                                                           "convolution groups that can lose a channel each"})
-            continue
-        consumers = [names[dep.target.module] for dep, _ in group if dg.is_in_channel_pruning_fn(dep.handler)
-                     and not dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names]
-        units.append(Unit(len(units), names[root], type(root).__name__, channels,
-                          [names[m] for m in out_members], consumers, chunks))
-    return Graph(model, dg, units, heads, ignored, skipped, dict(model.named_modules()))
-
-
-def _root_group(graph: Graph, unit: Unit, idxs: list[int]) -> Any:
-    root = graph.modules[unit.name]
-    pruner = graph.dg.get_pruner_of_module(root)
-    return graph.dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
-
-
-def saliency(graph: Graph, unit: Unit, norm: str = "l1") -> torch.Tensor:
-    """Score per output channel (root index): the sum over the unit's Conv/Linear members of the channel's mean
-    |W| (l1) or root-mean-square W (l2); BatchNorm |gamma| when the unit has no such member."""
-    tp = _tp()
-    group = _root_group(graph, unit, list(range(unit.channels)))
-    score = torch.zeros(unit.channels, dtype=torch.float64)
-    fallback = torch.zeros(unit.channels, dtype=torch.float64)
-    found = False
-    for item in group:
-        dep, idxs, root_idxs = item.dep, item.idxs, item.root_idxs
-        module = dep.target.module
-        if not graph.dg.is_out_channel_pruning_fn(dep.handler) or not isinstance(module, nn.Module):
-            continue
-        if isinstance(module, (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)):
-            weight = module.weight.detach()
-            if getattr(module, "transposed", False):
-                weight = weight.transpose(0, 1)
-            flat = weight.flatten(1).double()
-            per = flat.abs().mean(1) if norm == "l1" else flat.pow(2).mean(1).sqrt()
-            score.index_add_(0, torch.tensor(root_idxs), per[torch.tensor(idxs)].cpu())
-            found = True
-        elif isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:
-            fallback.index_add_(0, torch.tensor(root_idxs), module.weight.detach().abs().double()[idxs].cpu())
-    return score if found else fallback
-
-
-def removable(unit: Unit, ratio: float, round_to: int) -> int:
-    """Channels a ratio removes: floor(ratio x C), kept count rounded up to a multiple of round_to (and of the
-    unit's convolution groups), at least one channel (one per group) kept."""
-    c = unit.channels
-    kept = max(c - math.floor(ratio * c + 1e-9), 1)
-    step = math.lcm(round_to, unit.chunks)
-    kept = min(c, math.ceil(kept / step) * step)
-    return c - kept
-
-
-def select(scores: torch.Tensor, n: int, chunks: int = 1) -> list[int]:
-    """The n lowest-scoring channels, ties by position; with chunks, the same n / chunks positions in each."""
-    if n <= 0:
-        return []
-    if chunks == 1:
-        return sorted(torch.argsort(scores, stable=True)[:n].tolist())
-    size = len(scores) // chunks
-    positions = torch.argsort(scores.view(chunks, size).sum(0), stable=True)[:n // chunks].tolist()
-    return sorted(c * size + p for c in range(chunks) for p in positions)
-
-
-# ----------------------------------------------------------------------------------------- in-place probes
-
-
-def _snapshot(obj: Any) -> dict[str, Any]:
-    state = dict(vars(obj))
-    if isinstance(obj, nn.Module):
-        state["_parameters"] = dict(obj._parameters)
-        state["_buffers"] = dict(obj._buffers)
-    for key, value in state.items():
-        if isinstance(value, list) and all(isinstance(v, (int, type(None))) for v in value):
-            state[key] = list(value)  # concat/split sizes, which tp edits in place
-    return state
-
-
-def _restore(obj: Any, state: dict[str, Any]) -> None:
-    vars(obj).clear()
-    vars(obj).update(state)
-
-
-def prune_unit(graph: Graph, unit: Unit, idxs: list[int]) -> Callable[[], None]:
-    """Remove channels `idxs` (root indices) of `unit` in place; returns the function that puts them back."""
-    tp = _tp()
-    group = _root_group(graph, unit, idxs)
-    saved: list[tuple[Any, dict[str, Any]]] = []
-    dg_maps = None
-    for item in group:
-        target = item.dep.target
-        if target.type == tp.ops.OPTYPE.PARAMETER:
-            if dg_maps is None:
-                dg_maps = (dict(graph.dg.module2node), dict(graph.dg._param_to_name))
-            name = graph.dg._param_to_name[target.module]
-            parent = graph.model.get_submodule(name.rpartition(".")[0]) if "." in name else graph.model
-            saved.append((parent, _snapshot(parent)))
-            saved.append((target, _snapshot(target)))
-        elif not isinstance(target.module, nn.Parameter):
-            saved.append((target.module, _snapshot(target.module)))
-    with torch.no_grad():
-        group.prune(record_history=False)
-
-    def undo() -> None:
-        for obj, state in reversed(saved):
-            _restore(obj, state)
-        if dg_maps is not None:
-            graph.dg.module2node, graph.dg._param_to_name = dg_maps
-
-    return undo
+def loss_ratios(names: list[str], losses: np.ndarray, reference: np.ndarray) -> dict[str, float | None]:
+    """losses / reference per task (None where the reference loss is 0)."""
+    return {n: float(a / b) if b > 0 else None for n, a, b in zip(names, losses, reference)}
 
 
 # ------------------------------------------------------------------------------------------------- oracle
 
 
-class Oracle:
-    """Per-task mean losses of a model on a fixed calibration subset."""
+@contextmanager
+def _fresh_batchnorm(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """BatchNorm statistics re-estimated on `x` (as the run does before shipping), then put back."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+             for m in norms]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for norm in norms:
+                norm.reset_running_stats()
+                norm.momentum = None
+            model.train()
+            for start in range(0, len(x), EVAL_BATCH):
+                model(x[start:start + EVAL_BATCH].to(device))
+            model.eval()
+        yield
+    finally:
+        with torch.no_grad():
+            for norm, (mean, var, count, momentum) in zip(norms, saved):
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
+                norm.num_batches_tracked.copy_(count)
+                norm.momentum = momentum
+        model.eval()
 
-    def __init__(self, x: torch.Tensor, y: Any, tasks: Tasks) -> None:
-        self.x, self.y, self.tasks = x, y, tasks
+
+class Oracle:
+    """Per-task mean losses of a model on a fixed calibration subset; with `as_shipped`, probes re-estimate
+    BatchNorm statistics on the subset's first BN_ITEMS items first (and put them back afterwards)."""
+
+    def __init__(self, x: torch.Tensor, y: Any, tasks: Tasks, *, as_shipped: bool = False) -> None:
+        self.x, self.y, self.tasks, self.as_shipped = x, y, tasks, as_shipped
         self.evaluations = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def probe(self, model: nn.Module) -> np.ndarray:
+        """Losses of a probe as it would ship."""
+        if not self.as_shipped:
+            return self.losses(model)
+        with _fresh_batchnorm(model, self.x[:BN_ITEMS]):
+            return self.losses(model)
 
     @torch.inference_mode()
     def losses(self, model: nn.Module) -> np.ndarray:
+        """Losses of `model` as it is."""
         self.evaluations += 1
+        model.eval()
         device = next(model.parameters()).device
         totals = np.zeros(len(self.tasks))
         for start in range(0, len(self.y), EVAL_BATCH):
@@ -347,14 +197,17 @@ class UnitLog:
 
     order: int
     unit: Unit
-    ratio: float = 0.0                       # accepted grid value (0: nothing accepted)
+    ratio: float = 0.0                       # share of the unit's channels the accepted candidate removes
     removed: list[int] = field(default_factory=list)
-    vetoed_by: str | None = None             # task whose loss vetoed the next ratio (None: all passed)
-    veto_reason: str | None = None           # "delta" (rise over the running baseline) or "tau" (over tau x L0)
+    candidates: list[int] = field(default_factory=list)  # channels each candidate removes, in the order tried
+    scores: torch.Tensor | None = None       # saliency per channel when the unit's turn came
+    vetoed_by: str | None = None             # task whose loss vetoed the next candidate (None: all passed)
+    veto_reason: str | None = None           # "delta" (rise over the running baseline) or "tau" (over the bound)
     veto_ratio: float | None = None
-    loss_ratios: dict[str, float] = field(default_factory=dict)  # accepted losses / running baseline
+    loss_ratios: dict[str, float | None] = field(default_factory=dict)  # accepted losses / running baseline
     delta: float = 0.0
     all_pass: bool = False
+    left_alone: str | None = None            # why the unit had no candidate
     macs_removed: int = 0
     rise: float = 0.0                        # max_t loss after / loss before - 1
     score: float = math.inf                  # rise per MAC removed (top-P keeps the smallest)
@@ -371,17 +224,9 @@ class Search:
     delta0: float
     tau: float
     lam: float
-    losses_before: np.ndarray
-    losses_search: np.ndarray
+    reference: np.ndarray                    # losses the bound is stated against (the round's model as given)
     evaluations: int
     seconds: float
-    macs_after: int = 0
-    losses_after: np.ndarray | None = None
-
-
-def grid(step: float) -> list[float]:
-    count = int(math.floor(0.95 / step + 1e-9))
-    return [round(step * (i + 1), 10) for i in range(count)]
 
 
 def order_units(units: list[Unit], lam: float) -> list[Unit]:
@@ -391,103 +236,111 @@ def order_units(units: list[Unit], lam: float) -> list[Unit]:
     return sorted(units, key=lambda u: (u.contribution, u.index))
 
 
-def probe_contributions(graph: Graph, example: torch.Tensor, probe_ratio: float,
-                        progress: Callable[[str, int, int], None] | None = None) -> int:
-    """MACs removed by cutting probe_ratio of each unit's channels (in place, then restored); returns MACs(M)."""
-    total = count_macs(graph.model, example).macs
-    for i, unit in enumerate(graph.units):
-        n = removable(unit, probe_ratio, 1)
-        n = max(n, unit.chunks) if n == 0 and unit.channels > unit.chunks else n
-        unit.probe_removed = n
-        if n:
-            undo = prune_unit(graph, unit, select(saliency(graph, unit), n, unit.chunks))
-            try:
-                unit.contribution = total - count_macs(graph.model, example).macs
-            except Exception:  # noqa: BLE001 - a unit whose pruning breaks the forward pass is skipped later
-                unit.contribution = -1
-            finally:
-                undo()
-        if progress:
-            progress("pagcp: probing units", i + 1, len(graph.units))
-    return total
+@dataclass
+class _Walk:
+    """The state of one sequential search: working model, running baseline, current losses and MACs."""
+
+    graph: Graph
+    oracle: Oracle
+    bound: Bound
+    reference: np.ndarray
+    base: np.ndarray
+    current: np.ndarray
+    macs: int
+    cache: dict
+    state: tuple = ()
 
 
-def run_search(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: float, tau: float, oracle: Oracle,
-               example: torch.Tensor, cache: dict, progress: Callable[[str, int, int], None] | None) -> Search:
-    """The sequential greedy search on a working copy of `model` (left untouched)."""
-    started = time.perf_counter()
-    evaluations_before = oracle.evaluations
+def _probe(walk: _Walk, unit: Unit, idxs: list[int], log: UnitLog) -> np.ndarray | None:
+    """Losses with `idxs` of `unit` removed (cached per search state), or None when the pruned model fails."""
+    key = (walk.state, unit.name, len(idxs))
+    if key not in walk.cache:
+        undo = prune_unit(walk.graph, unit, idxs)
+        try:
+            walk.cache[key] = walk.oracle.probe(walk.graph.model)
+            log.evaluations += 1
+        except Exception as exc:  # noqa: BLE001 - shapes tp could not keep consistent
+            walk.cache[key] = None
+            log.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+        finally:
+            undo()
+    return walk.cache[key]
+
+
+def _veto(walk: _Walk, losses: np.ndarray, delta: float) -> tuple[str, int] | None:
+    """("delta" | "tau", task index) when the losses break the step's rise or the bound, else None."""
+    for reason, reference, factor in (("delta", walk.base, 1.0 + delta), ("tau", walk.reference, walk.bound.taus)):
+        over = walk.bound.over(losses, reference, factor)
+        if over.any():
+            excess = losses - np.maximum(reference * factor, walk.bound.atol)
+            return reason, int(np.argmax(np.where(over, excess, -np.inf)))
+    return None
+
+
+def _search_unit(walk: _Walk, unit: Unit, log: UnitLog, cfg: PAGCPConfig) -> tuple[int, np.ndarray] | None:
+    """Try the unit's candidates in order; the largest removal that passes, with its losses (None: none)."""
+    accepted = None
+    log.scores = saliency(walk.graph, unit, cfg.saliency)
+    for n in log.candidates:
+        losses = _probe(walk, unit, select(log.scores, n, unit.chunks), log)
+        verdict = ("error", -1) if losses is None else _veto(walk, losses, log.delta)
+        if verdict is not None:
+            reason, task = verdict
+            log.vetoed_by = walk.oracle.names[task] if task >= 0 else None
+            log.veto_reason, log.veto_ratio = reason, n / unit.channels
+            return accepted
+        accepted = (n, losses)
+    log.all_pass = True
+    return accepted
+
+
+def _accept(walk: _Walk, unit: Unit, log: UnitLog, n: int, losses: np.ndarray, example: torch.Tensor) -> None:
+    """Prune the accepted candidate for good and move the running baseline."""
+    log.ratio = n / unit.channels
+    log.loss_ratios = loss_ratios(walk.oracle.names, losses, walk.base)
+    log.removed = select(log.scores, n, unit.chunks)
+    prune_unit(walk.graph, unit, log.removed)
+    after = count_macs(walk.graph.model, example).macs
+    log.macs_removed, walk.macs = walk.macs - after, after
+    log.rise = float(np.max(np.where(walk.current > 0, losses / np.maximum(walk.current, 1e-300), 1.0)) - 1.0)
+    log.score = max(log.rise, 0.0) / max(log.macs_removed, 1)
+    walk.base = np.maximum(walk.base, losses)
+    walk.current = losses
+    walk.state = (*walk.state, (unit.name, n))
+
+
+def run_search(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: float, bound: Bound,
+               reference: np.ndarray, oracle: Oracle, example: torch.Tensor, cache: dict, progress: Progress) -> Search:
+    """The sequential greedy search on a working copy of `model` (left untouched), against `reference` losses."""
+    started, evaluations_before = time.perf_counter(), oracle.evaluations
     work = copy.deepcopy(model).eval()
     graph = build_graph(work, example, cfg.ignore)
     by_name = {u.name: u for u in graph.units}
     searched = [dataclasses.replace(by_name[u.name], contribution=u.contribution, probe_removed=u.probe_removed)
                 for u in units if u.name in by_name]
-    lam = solve_lambda(delta0, tau, len(searched)) if cfg.exp else 1.0
-    ordered = order_units(searched, lam)
-    if cfg.max_units is not None:
-        ordered = ordered[:cfg.max_units]
-    base = oracle.losses(work)
-    l0, current = base.copy(), base.copy()
-    macs = count_macs(work, example).macs
-    delta, state, logs = delta0, (), []
-    names = [t.name for t in oracle.tasks]
+    lam = solve_lambda(delta0, bound.tau, len(searched)) if cfg.exp else 1.0
+    ordered = order_units(searched, lam)[:cfg.max_units]
+    walk = _Walk(graph, oracle, bound, reference, reference.copy(), reference.copy(),
+                 count_macs(work, example).macs, cache)
+    delta_cap, delta, logs = float(bound.taus.max()) - 1.0, min(delta0, float(bound.taus.max()) - 1.0), []
     for position, unit in enumerate(ordered):
-        log = UnitLog(position, unit, delta=delta)
+        log = UnitLog(position, unit, delta=delta, candidates=candidate_removals(unit, cfg.step, cfg.round_to))
+        logs.append(log)
         if unit.contribution < 0:
             log.error = "pruning this unit breaks the forward pass"
-            logs.append(log)
-            continue
-        accepted: tuple[float, int, np.ndarray] | None = None
-        tried: dict[int, np.ndarray] = {0: current}
-        for ratio in grid(cfg.step):
-            n = removable(unit, ratio, cfg.round_to)
-            if n not in tried:
-                key = (state, unit.name, n)
-                if key not in cache:
-                    undo = prune_unit(graph, unit, select(saliency(graph, unit, cfg.saliency), n, unit.chunks))
-                    try:
-                        cache[key] = oracle.losses(work)
-                        log.evaluations += 1
-                    except Exception as exc:  # noqa: BLE001 - shapes tp could not keep consistent
-                        cache[key] = None
-                        log.error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
-                    finally:
-                        undo()
-                tried[n] = cache[key]
-            losses = tried[n]
-            if losses is None:
-                log.vetoed_by, log.veto_reason, log.veto_ratio = None, "error", ratio
-                break
-            rise = losses / np.maximum(base, 1e-12)
-            total = losses / np.maximum(l0, 1e-12)
-            if rise.max() > 1.0 + delta or total.max() > tau:
-                over_delta = rise.max() > 1.0 + delta
-                worst = int(np.argmax(rise if over_delta else total))
-                log.vetoed_by, log.veto_reason, log.veto_ratio = names[worst], "delta" if over_delta else "tau", ratio
-                break
-            accepted = (ratio, n, losses)
-        else:
-            log.all_pass = True
-        if accepted is not None:
-            ratio, n, losses = accepted
-            log.ratio = ratio
-            log.loss_ratios = {k: float(v) for k, v in zip(names, losses / np.maximum(base, 1e-12))}
-            if n > 0:
-                log.removed = select(saliency(graph, unit, cfg.saliency), n, unit.chunks)
-                prune_unit(graph, unit, log.removed)
-                after = count_macs(work, example).macs
-                log.macs_removed, macs = macs - after, after
-                log.rise = float((losses / np.maximum(current, 1e-12)).max() - 1.0)
-                log.score = log.rise / max(log.macs_removed, 1)
-                base = np.maximum(base, losses)
-                current = losses
-                state = (*state, (unit.name, n))
-                delta *= lam
-        logs.append(log)
+        elif not log.candidates:
+            log.left_alone = f"narrower than 2 x round_to ({2 * cfg.round_to} channels)"
+        elif (accepted := _search_unit(walk, unit, log, cfg)) is not None:
+            _accept(walk, unit, log, *accepted, example)
+        if log.candidates and unit.contribution >= 0:
+            delta = min(delta * lam, delta_cap)  # δ_i follows the unit's position; past tau - 1 the bound vetoes
         if progress:
             progress("pagcp: searching units", position + 1, len(ordered))
-    return Search(logs, delta0, tau, lam, l0, current, oracle.evaluations - evaluations_before,
+    return Search(logs, delta0, bound.tau, lam, reference, oracle.evaluations - evaluations_before,
                   time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------------------------------------- selection
 
 
 def select_top(search: Search, top_p: float) -> list[UnitLog]:
@@ -501,50 +354,200 @@ def select_top(search: Search, top_p: float) -> list[UnitLog]:
     return [log for log in search.logs if log.selected]
 
 
-def replay(model: nn.Module, example: torch.Tensor, logs: list[UnitLog], ignore: tuple[str, ...]) -> None:
-    """Prune `model` in place with the searched channel indices of `logs` (in search order)."""
-    graph = build_graph(model, example, ignore)
-    by_name = {u.name: u for u in graph.units}
-    for log in sorted(logs, key=lambda lg: lg.order):
-        prune_unit(graph, by_name[log.unit.name], log.removed)
+Removals = dict[str, list[int]]
 
 
-# ---------------------------------------------------------------------------------------- the transform
+def removals_of(logs: list[UnitLog]) -> Removals:
+    """Unit name -> channels removed, in search order."""
+    return {log.unit.name: list(log.removed) for log in sorted(logs, key=lambda lg: lg.order) if log.removed}
 
 
-def channel_transform(model: nn.Module, before: dict[str, list[int]]) -> dict[str, Any]:
-    """The arch.json edit that re-creates every module whose tensors changed shape: its shape attributes and the
-    shapes of its own parameters and buffers."""
-    modules: dict[str, Any] = {}
-    for name, module in model.named_modules():
-        tensors = {k: list(v.shape) for k, v in [*module._parameters.items(), *module._buffers.items()]
-                   if v is not None}
-        full = {f"{name}.{k}" if name else k: shape for k, shape in tensors.items()}
-        if any(before.get(k) != shape for k, shape in full.items()):
-            attrs = {a: list(v) if isinstance(v, tuple) else v for a in SHAPE_ATTRS
-                     if isinstance(v := getattr(module, a, None), (int, tuple))}
-            modules[name] = {"attrs": attrs, "tensors": tensors}
-    return {"type": TRANSFORM, "modules": modules}
+def pruned_copy(model: nn.Module, removals: Removals, example: torch.Tensor, cfg: PAGCPConfig,
+                finalize: Callable[[nn.Module], Any] | None = None) -> nn.Module:
+    """A copy of `model` with `removals` cut out, made as it would ship (finalized) when `finalize` is given."""
+    candidate = copy.deepcopy(model).eval()
+    replay(candidate, example, removals, cfg.ignore)
+    if finalize is not None:
+        finalize(candidate)
+    return candidate.eval()
 
 
-@register_transform(TRANSFORM)
-def replay_channels(model: nn.Module, edit: dict[str, Any]) -> None:
-    """arch.json replay: give each recorded module its pruned widths (fresh tensors; the weights load after)."""
-    for name, spec in edit["modules"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise UsageError(f"arch.json prunes channels of {name!r}, which this architecture does not have; the "
-                             "run directory does not match its base model") from None
-        for attr, value in spec.get("attrs", {}).items():
-            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
-        for key, shape in spec["tensors"].items():
-            old = module._parameters.get(key)
-            if old is not None:
-                module._parameters[key] = nn.Parameter(torch.zeros(shape, dtype=old.dtype),
-                                                       requires_grad=old.requires_grad)
-            elif module._buffers.get(key) is not None:
-                module._buffers[key] = torch.zeros(shape, dtype=module._buffers[key].dtype)
+def trim_to_target(model: nn.Module, kept: list[UnitLog], limit: float, macs_original: int, example: torch.Tensor,
+                   cfg: PAGCPConfig) -> Removals:
+    """The fewest units, in score order, whose pruning keeps at most `limit` of the original MACs; the last one
+    is taken partially (its smallest candidate that crosses the limit), so the result lands close to it."""
+    work = copy.deepcopy(model).eval()
+    graph = build_graph(work, example, cfg.ignore)
+    units = {u.name: u for u in graph.units}
+    chosen: Removals = {}
+    for log in sorted(kept, key=lambda lg: (lg.score, lg.order)):
+        unit = units[log.unit.name]
+        undo = prune_unit(graph, unit, log.removed)
+        if count_macs(work, example).macs > limit * macs_original:
+            chosen[unit.name] = list(log.removed)
+            continue
+        undo()  # this unit crosses the limit: take the smallest candidate of it that still does
+        for n in [c for c in candidate_removals(unit, cfg.step, cfg.round_to) if c < len(log.removed)]:
+            idxs = select(log.scores, n, unit.chunks)
+            undo = prune_unit(graph, unit, idxs)
+            if count_macs(work, example).macs <= limit * macs_original:
+                chosen[unit.name] = idxs
+                return chosen
+            undo()
+        chosen[unit.name] = list(log.removed)
+        return chosen
+    return chosen
+
+
+@dataclass
+class Selection:
+    """A set of unit removals checked as a whole, as shipped."""
+
+    removals: Removals
+    model: nn.Module
+    macs: int
+    losses: np.ndarray
+    dropped: list[str] = field(default_factory=list)   # units dropped so that the bound holds
+
+
+def hold_bound(model: nn.Module, removals: Removals, logs: list[UnitLog], bound: Bound, reference: np.ndarray,
+               oracle: Oracle, example: torch.Tensor, cfg: PAGCPConfig, finalize: Any) -> Selection:
+    """Evaluate the selection as it ships; while a task breaks the bound, drop the unit with the largest loss
+    rise per MAC removed."""
+    score = {log.unit.name: (log.score, log.order) for log in logs}
+    removals, dropped = dict(removals), []
+    while True:
+        candidate = pruned_copy(model, removals, example, cfg, finalize)
+        losses = oracle.losses(candidate)
+        if not removals or not bound.broken(losses, reference).any():
+            return Selection(removals, candidate, count_macs(candidate, example).macs, losses, dropped)
+        worst = max(removals, key=lambda name: score.get(name, (math.inf, 0)))
+        dropped.append(worst)
+        del removals[worst]
+
+
+# ------------------------------------------------------------------------------------------- target search
+
+
+@dataclass
+class Attempt:
+    """One search at one delta0 (and tau), with its top-P selection and the MACs that selection keeps."""
+
+    delta0: float
+    tau: float
+    search: Search
+    kept: list[UnitLog]
+    keep: float
+
+
+@dataclass
+class Round:
+    """What one round of PAGCP did: the attempts, the chosen one and the selection it ships."""
+
+    attempts: list[Attempt]
+    chosen: Attempt
+    selection: Selection
+    trimmed: bool
+    macs_entry: int
+
+
+def _attempt(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: float, bound: Bound,
+             reference: np.ndarray, oracle: Oracle, example: torch.Tensor, cache: dict, macs_original: int,
+             progress: Progress) -> Attempt:
+    search = run_search(model, units, cfg, delta0, bound, reference, oracle, example, cache, progress)
+    kept = select_top(search, cfg.top_p)
+    macs = count_macs(pruned_copy(model, removals_of(kept), example, cfg), example).macs
+    return Attempt(delta0, bound.tau, search, kept, macs / macs_original)
+
+
+def delta0_ladder(cfg: PAGCPConfig, bound: Bound) -> list[float]:
+    """delta0 values a target search tries after the user's: geometric steps of at most x4 (fewer, larger ones
+    when the search budget asks for it), ending at tau - 1, the largest rise the bound allows (delta0 beyond it
+    changes nothing)."""
+    ceiling = float(bound.taus.max()) - 1.0
+    if cfg.delta0 >= ceiling or cfg.max_searches < 2:
+        return []
+    span = math.log(ceiling / cfg.delta0)
+    steps = min(cfg.max_searches - 1, max(1, math.ceil(span / math.log(4.0))))
+    return [cfg.delta0 * math.exp(span * i / steps) for i in range(1, steps)] + [ceiling]
+
+
+def _short(attempt: Attempt, cfg: PAGCPConfig) -> bool:
+    return cfg.macs_target is not None and attempt.keep > cfg.macs_target + cfg.macs_tolerance
+
+
+def _bisect(attempts: list[Attempt], run: Callable[[float], Attempt], cfg: PAGCPConfig) -> None:
+    """Geometric bisection of delta0 between the last attempt short of the target and the first one reaching
+    it, until one lands inside the tolerance or the search budget is spent."""
+    while len(attempts) < cfg.max_searches:
+        reached = [a for a in attempts if not _short(a, cfg)]
+        if not reached or any(abs(a.keep - cfg.macs_target) <= cfg.macs_tolerance for a in reached):
+            return
+        high = min(a.delta0 for a in reached)
+        shorter = [a.delta0 for a in attempts if _short(a, cfg) and a.delta0 < high]
+        if not shorter:
+            return
+        attempts.append(run(math.sqrt(max(shorter) * high)))
+
+
+def target_attempts(run: Callable[[float], Attempt], cfg: PAGCPConfig, bound: Bound) -> list[Attempt]:
+    """The user's delta0, then (with a MACs target that it misses) larger ones up to tau - 1, then bisection."""
+    attempts = [run(cfg.delta0)]
+    if cfg.macs_target is None:
+        return attempts
+    for delta0 in delta0_ladder(cfg, bound):
+        if not _short(attempts[-1], cfg):
+            break
+        attempts.append(run(delta0))
+    _bisect(attempts, run, cfg)
+    return attempts
+
+
+def _pick(attempts: list[Attempt], cfg: PAGCPConfig) -> Attempt:
+    """The attempt reaching the target with the most MACs kept (least overshoot), else the one pruning most;
+    without a target, the only one."""
+    reached = [a for a in attempts if not _short(a, cfg)]
+    if cfg.macs_target is None:
+        return attempts[0]
+    return max(reached, key=lambda a: (a.keep, -a.delta0)) if reached else min(attempts, key=lambda a: a.keep)
+
+
+def _taus_to_try(cfg: PAGCPConfig) -> list[float]:
+    """The user's tau, then (with max_tau) up to three geometric steps to max_tau."""
+    if cfg.max_tau is None or cfg.macs_target is None or cfg.max_tau <= cfg.tau:
+        return [cfg.tau]
+    steps = 3
+    return [cfg.tau * (cfg.max_tau / cfg.tau) ** (i / steps) for i in range(steps + 1)]
+
+
+def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, macs_original: int) -> Round:
+    """One PAGCP round on `model` (left untouched): search, select, land on the target, hold the bound."""
+    example = ctx.example_inputs
+    probe_model = copy.deepcopy(model).eval()
+    graph = build_graph(probe_model, example, cfg.ignore)
+    if not graph.units:
+        raise UsageError("no prunable channel groups: every convolution is a head, ignored or too narrow "
+                         f"(heads {graph.heads[:3]}, ignored {graph.ignored[:3]}); loosen --ignore")
+    macs_entry = probe_contributions(graph, example, cfg.probe_ratio, ctx.progress)
+    units, reference, cache = graph.units, oracle.losses(model), {}
+    attempts: list[Attempt] = []
+    for tau in _taus_to_try(cfg):
+        bound = make_bound(cfg, oracle.tasks, tau)
+        run = lambda d0, b=bound: _attempt(model, units, cfg, d0, b, reference, oracle, example,  # noqa: E731
+                                           cache, macs_original, ctx.progress)
+        attempts += target_attempts(run, cfg, bound)
+        if not _short(_pick(attempts, cfg), cfg):
+            break
+    chosen = _pick(attempts, cfg)
+    removals, trimmed = removals_of(chosen.kept), False
+    if cfg.macs_target is not None and chosen.keep < cfg.macs_target - cfg.macs_tolerance:
+        removals = trim_to_target(model, chosen.kept, cfg.macs_target + cfg.macs_tolerance, macs_original,
+                                  example, cfg)
+        trimmed = True
+    bound = make_bound(cfg, oracle.tasks, chosen.tau)
+    selection = hold_bound(model, removals, chosen.search.logs, bound, reference, oracle, example, cfg,
+                           ctx.finalize)
+    return Round(attempts, chosen, selection, trimmed, macs_entry)
 
 
 # --------------------------------------------------------------------------------------------------- apply
@@ -555,171 +558,215 @@ def _oracle(cfg: PAGCPConfig, ctx: Context) -> Oracle:
         raise UsageError("PAGCP evaluates every task's loss on calibration data; give a data set (--data)")
     calibration = ctx.splits.calibration.subset(cfg.calibration_items)
     tasks = tuple(ctx.tasks) if ctx.tasks else (CLASSIFICATION,)
-    return Oracle(calibration.x, calibration.y, tasks)
+    make_bound(cfg, tasks)  # an unknown task in task_tau fails before any work
+    return Oracle(calibration.x, calibration.y, tasks, as_shipped=ctx.finalize is not None)
 
 
 def plan(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> dict[str, Any]:
-    """The units and what is left alone, before any probing (the `--dry-run` listing)."""
+    """The units, the widths each may take, and what is left alone, before any probing (`--dry-run`)."""
     graph = build_graph(model, ctx.example_inputs, cfg.ignore)
-    return {"units": [{"name": u.name, "kind": u.kind, "channels": u.channels, "members": u.members,
-                       "consumers": u.consumers, "channel_groups": u.chunks} for u in graph.units],
-            "heads": graph.heads, "ignored": graph.ignored, "skipped": graph.skipped,
-            "ignore_patterns": list(cfg.ignore)}
+    units, left_alone = [], []
+    for u in graph.units:
+        removals = candidate_removals(u, cfg.step, cfg.round_to)
+        units.append({"name": u.name, "kind": u.kind, "channels": u.channels, "members": u.members,
+                      "consumers": u.consumers, "channel_groups": u.chunks,
+                      "candidate_widths": [u.channels - n for n in removals]})
+        if not removals:
+            left_alone.append({"name": u.name, "reason": f"{u.channels} channels: narrower than 2 x round_to "
+                                                         f"({2 * cfg.round_to})"})
+    return {"units": units, "heads": graph.heads, "ignored": graph.ignored,
+            "skipped": graph.skipped + left_alone, "ignore_patterns": list(cfg.ignore)}
 
 
-def _searched(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, scale: float, oracle: Oracle,
-              example: torch.Tensor, cache: dict, progress: Any) -> tuple[Search, list[UnitLog]]:
-    """One search at delta0 x scale and tau ^ scale, its top-P selection, and the MACs/losses of the selection."""
-    search = run_search(model, units, cfg, cfg.delta0 * scale, cfg.tau ** scale, oracle, example, cache, progress)
-    kept = select_top(search, cfg.top_p)
-    candidate = copy.deepcopy(model).eval()
-    replay(candidate, example, kept, cfg.ignore)
-    search.macs_after = count_macs(candidate, example).macs
-    search.losses_after = oracle.losses(candidate)
-    return search, kept
+def _round_limit(cfg: PAGCPConfig) -> int:
+    return cfg.max_auto_rounds if cfg.rounds == "auto" else int(cfg.rounds)
 
 
-@register("pagcp", PAGCPConfig)
+def _between_rounds(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> None:
+    """The short fine-tune that lets the next round start from a recovered model (every task's loss counts)."""
+    if ctx.finetune is None:
+        raise UsageError("pruning in rounds fine-tunes between them; run it through `compress prune` (or give "
+                         "the context a finetune function), or use rounds = 1")
+    ctx.finetune(model, cfg.round_epochs, cfg.round_items)
+    model.eval()
+
+
+def _ship_round(model: nn.Module, outcome: Round, example: torch.Tensor, cfg: PAGCPConfig) -> None:
+    """Cut the round's selection out of `model` in place, with the weights and statistics it was checked with."""
+    replay(model, example, outcome.selection.removals, cfg.ignore)
+    model.load_state_dict(outcome.selection.model.state_dict())
+    model.eval()
+
+
+def _target_state(keep: float, cfg: PAGCPConfig) -> str | None:
+    """"met", "short" (kept more MACs than allowed) or "overshoot" (removed more than asked); None: no target."""
+    if cfg.macs_target is None:
+        return None
+    if keep > cfg.macs_target + cfg.macs_tolerance:
+        return "short"
+    return "overshoot" if keep < cfg.macs_target - cfg.macs_tolerance else "met"
+
+
 def apply(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> Result:
-    """Prune `model` in place by PAGCP; channels are removed physically (the transform rebuilds the widths)."""
-    started = time.perf_counter()
-    example = ctx.example_inputs
+    """Prune `model` in place by PAGCP, in one round or several; channels are removed physically (the transform
+    rebuilds the widths). `Result.reference` is the model the last round's bound is stated against."""
+    started, example = time.perf_counter(), ctx.example_inputs
     oracle = _oracle(cfg, ctx)
     model.eval()
-    before_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    params_before = count_params(model).total
-    probe_model = copy.deepcopy(model)
-    graph = build_graph(probe_model, example, cfg.ignore)
-    if not graph.units:
-        raise UsageError("no prunable channel groups: every convolution is a head, ignored or too narrow "
-                         f"(heads {graph.heads[:3]}, ignored {graph.ignored[:3]}); loosen --ignore")
-    macs_before = probe_contributions(graph, example, cfg.probe_ratio, ctx.progress)
-    units = graph.units
-    del probe_model, graph
-    cache: dict = {}
-    rounds: list[dict[str, Any]] = []
-    search, kept = _searched(model, units, cfg, 1.0, oracle, example, cache, ctx.progress)
-    rounds.append(_round_row(1.0, search, macs_before))
-    if cfg.macs_target is not None:
-        search, kept = _target_search(model, units, cfg, oracle, example, cache, ctx.progress, macs_before, rounds,
-                                      (search, kept))
-    replay(model, example, kept, cfg.ignore)
+    original_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    params_before, macs_original = count_params(model).total, count_macs(model, example).macs
+    losses_original = oracle.losses(model)
+    reference_model, rows, rounds = None, [], []
+    for index in range(_round_limit(cfg)):
+        if index:
+            _between_rounds(model, cfg, ctx)
+            reference_model = copy.deepcopy(model)
+        entry_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+        outcome = run_round(model, cfg, ctx, oracle, macs_original)
+        _ship_round(model, outcome, example, cfg)
+        rows += _rows(model, outcome, entry_shapes, index + 1)
+        rounds.append(_round_summary(outcome, macs_original, oracle.names, index + 1))
+        if not outcome.selection.removals or _target_state(rounds[-1]["macs_keep"], cfg) in ("met", "overshoot"):
+            break
+    summary = _summary(model, cfg, oracle, rounds, example, params_before, macs_original, losses_original)
+    summary.update(_unit_counts(outcome))
+    summary["search_seconds"] = round(time.perf_counter() - started, 3)
+    transform = channel_transform(model, original_shapes)
+    return Result(model, layers=rows, summary=summary, transforms=[transform] if transform["modules"] else [],
+                  reference=reference_model)
+
+
+def _round_summary(outcome: Round, macs_original: int, names: list[str], index: int) -> dict[str, Any]:
+    """One round's figures: every search it ran, the one chosen, and what the shipped selection keeps."""
+    chosen, selection = outcome.chosen, outcome.selection
+    reference = chosen.search.reference
+    return {"round": index, "tau": chosen.tau, "delta0": chosen.delta0, "lambda": chosen.search.lam,
+            "macs_keep": selection.macs / macs_original, "macs_keep_entry": outcome.macs_entry / macs_original,
+            "units_pruned": len(selection.removals), "trimmed_to_target": outcome.trimmed,
+            "dropped_for_bound": selection.dropped,
+            "losses_reference": dict(zip(names, map(float, reference))),
+            "losses_after": dict(zip(names, map(float, selection.losses))),
+            "loss_ratios": loss_ratios(names, selection.losses, reference),
+            "searches": [{"delta0": a.delta0, "tau": a.tau, "lambda": a.search.lam, "macs_keep": a.keep,
+                          "chosen": a is chosen, "evaluations": a.search.evaluations,
+                          "seconds": round(a.search.seconds, 3)} for a in outcome.attempts]}
+
+
+def _summary(model: nn.Module, cfg: PAGCPConfig, oracle: Oracle, rounds: list[dict[str, Any]],
+             example: torch.Tensor, params_before: int, macs_original: int,
+             losses_original: np.ndarray) -> dict[str, Any]:
+    """The report's summary: MACs and params, every task's losses and the bound, the target's state."""
+    names, last = oracle.names, rounds[-1]
     macs_after = count_macs(model, example).macs
-    losses_final = oracle.losses(model)
-    rows = _rows(model, search, before_shapes)
-    names = [t.name for t in oracle.tasks]
-    achieved = macs_after / macs_before
+    final = np.array([last["losses_after"][n] for n in names])
+    reference = np.array([last["losses_reference"][n] for n in names])
+    tau_used = last["tau"]
+    bound = make_bound(cfg, oracle.tasks, tau_used)
     summary: dict[str, Any] = {
-        "method": "pagcp", "units": len(units), "units_searched": len(search.logs),
-        "units_pruned": sum(1 for log in search.logs if log.selected),
-        "units_all_pass": sum(1 for log in search.logs if log.all_pass),
-        "lambda": search.lam, "delta0": search.delta0, "tau": search.tau, "exp": cfg.exp,
-        "macs_before": macs_before, "macs_after": macs_after, "macs_keep": achieved,
+        "method": "pagcp", "rounds": rounds, "exp": cfg.exp,
+        "lambda": last["lambda"], "delta0": last["delta0"], "tau": cfg.tau, "tau_used": tau_used,
+        "task_tau": {n: float(t) for n, t in zip(names, bound.taus)},
+        "macs_before": macs_original, "macs_after": macs_after, "macs_keep": macs_after / macs_original,
         "params_before": params_before, "params_after": count_params(model).total,
-        "calibration_items": len(oracle.y),
-        "losses_before": dict(zip(names, map(float, search.losses_before))),
-        "losses_after": dict(zip(names, map(float, losses_final))),
-        "loss_ratios": {n: float(a / max(b, 1e-12)) for n, a, b in zip(names, losses_final, search.losses_before)},
-        "evaluations": oracle.evaluations, "search_seconds": round(time.perf_counter() - started, 3),
-        "rounds": rounds, "keep": {"requested": cfg.macs_target, "achieved": achieved, "counted_over": "MACs"},
+        "calibration_items": len(oracle.y), "evaluations": oracle.evaluations,
+        "losses_before": dict(zip(names, map(float, losses_original))),
+        "losses_after": dict(zip(names, map(float, final))),
+        "loss_ratios": loss_ratios(names, final, losses_original),
+        "bound_reference": "original" if len(rounds) == 1 else f"the model entering round {len(rounds)}",
+        "tau_bound_ok": not bool(bound.broken(final, reference).any()),
+        "keep": {"requested": cfg.macs_target, "achieved": macs_after / macs_original, "counted_over": "MACs"},
     }
-    summary["tau_bound_ok"] = all(r <= search.tau * (1 + 1e-9) for r in summary["loss_ratios"].values())
     if cfg.macs_target is not None:
-        summary.update(macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance,
-                       target_met=achieved <= cfg.macs_target + cfg.macs_tolerance)
-    transform = channel_transform(model, before_shapes)
-    return Result(model, layers=rows, summary=summary, transforms=[transform] if transform["modules"] else [])
+        state = _target_state(macs_after / macs_original, cfg)
+        summary.update(macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance, target_state=state,
+                       target_met=state == "met")
+    return summary
 
 
-def _round_row(scale: float, search: Search, macs_before: int) -> dict[str, Any]:
-    return {"scale": scale, "delta0": search.delta0, "tau": search.tau, "lambda": search.lam,
-            "macs_keep": search.macs_after / macs_before, "evaluations": search.evaluations,
-            "seconds": round(search.seconds, 3)}
+def _unit_counts(outcome: Round) -> dict[str, int]:
+    """How many units the last round searched, pruned, and found passing every candidate."""
+    logs = outcome.chosen.search.logs
+    return {"units": len(logs), "units_searched": len(logs), "units_pruned": len(outcome.selection.removals),
+            "units_all_pass": sum(1 for log in logs if log.all_pass)}
 
 
-def _target_search(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, oracle: Oracle, example: torch.Tensor,
-                   cache: dict, progress: Any, macs_before: int, rounds: list[dict[str, Any]],
-                   first: tuple[Search, list[UnitLog]]) -> tuple[Search, list[UnitLog]]:
-    """Scale delta0 (and tau in log space) until the kept MACs are within tolerance of the target."""
-    target, tol = cfg.macs_target, cfg.macs_tolerance
-    tried: list[tuple[float, Search, list[UnitLog]]] = [(1.0, *first)]
-
-    def keep_of(search: Search) -> float:
-        return search.macs_after / macs_before
-
-    lo, hi, scale = None, None, 1.0
-    for _ in range(cfg.max_rounds - 1):
-        keep = keep_of(tried[-1][1])
-        if abs(keep - target) <= tol:
-            break
-        if keep > target:   # not pruned enough: allow larger rises
-            lo = scale
-            scale = scale * 4.0 if hi is None else math.sqrt(lo * hi)
-        else:               # pruned too much
-            hi = scale
-            scale = scale / 4.0 if lo is None else math.sqrt(lo * hi)
-        search, kept = _searched(model, units, cfg, scale, oracle, example, cache, progress)
-        rounds.append(_round_row(scale, search, macs_before))
-        tried.append((scale, search, kept))
-    feasible = [t for t in tried if keep_of(t[1]) <= target + tol]
-    if feasible:
-        best = max(feasible, key=lambda t: (keep_of(t[1]), -t[0]))
-    else:
-        best = min(tried, key=lambda t: keep_of(t[1]))
-    for row in rounds:
-        row["chosen"] = row["scale"] == best[0]
-    scale, search, kept = best
-    if keep_of(search) < target - tol:  # pruned more than asked: keep fewer units, by score, to land on the target
-        kept = _fewest_units_for(model, search, kept, target + tol, macs_before, example, cfg.ignore)
-        candidate = copy.deepcopy(model).eval()
-        replay(candidate, example, kept, cfg.ignore)
-        search.macs_after = count_macs(candidate, example).macs
-        search.losses_after = oracle.losses(candidate)
-        rounds.append(dict(_round_row(scale, search, macs_before), chosen=True, units_kept=len(kept)))
-        for row in rounds[:-1]:
-            row["chosen"] = False
-    return search, kept
-
-
-def _fewest_units_for(model: nn.Module, search: Search, kept: list[UnitLog], limit: float, macs_before: int,
-                      example: torch.Tensor, ignore: tuple[str, ...]) -> list[UnitLog]:
-    """The shortest prefix of `kept` in score order (smallest loss rise per MAC first) whose pruning keeps at most
-    `limit` of the original MACs; top-P still bounds it (the prefix comes from the top-P selection)."""
-    ranked = sorted(kept, key=lambda log: (log.score, log.order))
-    work = copy.deepcopy(model).eval()
-    graph = build_graph(work, example, ignore)
-    units = {u.name: u for u in graph.units}
-    chosen = ranked
-    for k, log in enumerate(ranked, start=1):
-        prune_unit(graph, units[log.unit.name], log.removed)
-        if count_macs(work, example).macs / macs_before <= limit:
-            chosen = ranked[:k]
-            break
-    names = {id(log) for log in chosen}
-    for log in search.logs:
-        log.selected = id(log) in names
-    return [log for log in search.logs if log.selected]
-
-
-def _rows(model: nn.Module, search: Search, before: dict[str, list[int]]) -> list[dict[str, Any]]:
-    modules = dict(model.named_modules())
+def _rows(model: nn.Module, outcome: Round, before: dict[str, list[int]], index: int) -> list[dict[str, Any]]:
+    """Per unit of one round: what the search did and what the shipped selection removed."""
+    modules, removals = dict(model.named_modules()), outcome.selection.removals
     rows = []
-    for log in search.logs:
-        unit = log.unit
-        root = modules[unit.name]
-        after_shape = list(root.weight.shape)
+    for log in outcome.chosen.search.logs:
+        unit, root = log.unit, modules[log.unit.name]
+        removed = len(removals.get(unit.name, []))
         before_shape = before[f"{unit.name}.weight"]
-        removed = len(log.removed) if log.selected else 0
         rows.append({
-            "name": unit.name, "kind": unit.kind, "order": log.order, "members": unit.members,
+            "round": index, "name": unit.name, "kind": unit.kind, "order": log.order, "members": unit.members,
             "consumers": unit.consumers, "macs_contribution": unit.contribution,
-            "ratio": log.ratio if log.selected else 0.0, "searched_ratio": log.ratio,
+            "ratio": removed / unit.channels, "searched_ratio": log.ratio,
             "channels_before": unit.channels, "channels_after": unit.channels - removed,
-            "shape_before": before_shape, "shape_after": after_shape,
+            "candidate_widths": [unit.channels - n for n in log.candidates],
+            "shape_before": before_shape, "shape_after": list(root.weight.shape),
             "params_before": int(np.prod(before_shape)), "params_after": root.weight.numel(),
             "vetoed_by": log.vetoed_by, "veto_reason": log.veto_reason, "veto_ratio": log.veto_ratio,
             "loss_ratios": log.loss_ratios, "delta": log.delta, "all_pass": log.all_pass,
-            "macs_removed": log.macs_removed, "loss_rise": log.rise,
-            "score": None if math.isinf(log.score) else log.score, "selected": log.selected,
+            "left_alone": log.left_alone, "macs_removed": log.macs_removed, "loss_rise": log.rise,
+            "score": None if math.isinf(log.score) else log.score, "selected": unit.name in removals,
+            "partial": 0 < removed < len(log.removed), "dropped_for_bound": unit.name in outcome.selection.dropped,
             "evaluations": log.evaluations, "error": log.error})
     return rows
+
+
+# --------------------------------------------------------------------------------------------------- audit
+
+
+def audit(result: Result, cfg: PAGCPConfig, shipped: nn.Module, original: nn.Module, ctx: Context) -> AuditOutcome:
+    """PAGCP's promises on the model that ships, recomputed with the run's own evaluation and MAC counter:
+    every task's calibration loss within its bound of the reference, and the MACs target met from both sides."""
+    outcome = AuditOutcome()
+    _audit_target(outcome, cfg, shipped, original, ctx.example_inputs, result.summary)
+    if ctx.task_losses is not None and ctx.splits is not None:
+        _audit_bound(outcome, cfg, shipped, result.reference or original, ctx, result.summary)
+    return outcome
+
+
+def _audit_target(outcome: AuditOutcome, cfg: PAGCPConfig, shipped: nn.Module, original: nn.Module,
+                  example: torch.Tensor, summary: dict[str, Any]) -> None:
+    keep = count_macs(shipped, example).macs / count_macs(original, example).macs
+    outcome.figures["macs_keep"] = keep
+    state = _target_state(keep, cfg)
+    if state == "short":
+        tau = summary.get("tau_used", cfg.tau)
+        outcome.problems.append(
+            f"kept {keep:.4f} of the original MACs, target {cfg.macs_target} ± {cfg.macs_tolerance}: that is as far "
+            f"as the loss bound tau = {tau:g} allows in {len(summary.get('rounds', [])) or 1} round(s); raise --tau "
+            "(or allow --max-tau), or prune in rounds with fine-tuning between them (--rounds auto)")
+    elif state == "overshoot":
+        outcome.problems.append(
+            f"kept {keep:.4f} of the original MACs, below the target {cfg.macs_target} - {cfg.macs_tolerance}: "
+            "more was removed than asked (no unit could be cut finely enough); raise --macs-tolerance or lower "
+            "--round-to")
+
+
+def _audit_bound(outcome: AuditOutcome, cfg: PAGCPConfig, shipped: nn.Module, reference: nn.Module,
+                 ctx: Context, summary: dict[str, Any]) -> None:
+    split = ctx.splits.calibration.subset(cfg.calibration_items)
+    losses, before = ctx.task_losses(shipped, split), ctx.task_losses(reference, split)
+    tasks = tuple(ctx.tasks) if ctx.tasks else (CLASSIFICATION,)
+    bound = make_bound(cfg, tasks, tau_allowed(cfg, summary))
+    names = [t.name for t in tasks]
+    now, ref = np.array([losses[n] for n in names]), np.array([before[n] for n in names])
+    outcome.figures.update(loss_ratios=loss_ratios(names, now, ref), losses=dict(zip(names, map(float, now))),
+                           losses_reference=dict(zip(names, map(float, ref))))
+    for name, tau, a, b, broken in zip(names, bound.taus, now, ref, bound.broken(now, ref)):
+        if broken:
+            outcome.problems.append(
+                f"task {name}: calibration loss {a:.5g} is above its bound {max(tau * b, bound.atol):.5g} "
+                f"(tau {tau:g} x reference {b:.5g}) on the model that ships")
+
+
+def tau_allowed(cfg: PAGCPConfig, summary: dict[str, Any]) -> float:
+    """The tau the shipped model answers to: the user's, or the loosened one the run reports, never above the
+    user's ceiling max_tau."""
+    return min(max(cfg.tau, summary.get("tau_used", cfg.tau)), cfg.max_tau or cfg.tau)
+
+
+register("pagcp", PAGCPConfig, audit=audit, plan=plan)(apply)

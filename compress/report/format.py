@@ -114,7 +114,8 @@ def layer_table(report: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str
                                   ratio(row["macs_after"], row["macs_before"]), num(row["eps_bound"], 4),
                                   num(row["err_spectral"], 4), num(row["err_frobenius"], 4)) for row in layers]
     if kind == "channels":
-        ordered = sorted((row for row in layers if "channels_before" in row), key=lambda r: r.get("order", 0))
+        ordered = sorted((row for row in layers if "channels_before" in row),
+                         key=lambda r: (r.get("round", 1), r.get("order", 0)))
         return CHANNEL_COLUMNS, [_channel_row(row) for row in ordered]
     return (), []
 

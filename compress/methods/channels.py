@@ -1,0 +1,354 @@
+"""Channel units of any CNN and their physical removal (the machinery of PAGCP; METHODS.md §2, §4).
+
+Units are Torch-Pruning dependency groups: a convolution's output channels together with everything coupled to
+them (residual adds, concats, norms, depthwise convolutions, the consumers' input channels). Layers that produce
+a model output (every task's head) are found from the graph and never pruned; their inputs shrink.
+
+A probe prunes a unit in place on one working copy with one dependency graph, and puts the touched modules'
+tensors and attributes back afterwards (tp replaces parameters rather than editing them, so the originals are
+kept by reference). The `channels` transform records the pruned widths in arch.json so a run rebuilds
+weights-only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.config import matches
+from compress.errors import UsageError
+from compress.measure import count_macs
+from compress.models.transforms import register_transform
+
+TRANSFORM = "channels"
+SHAPE_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
+               "num_channels", "num_parameters", "normalized_shape", "embedding_dim")
+
+# ----------------------------------------------------------------------------------------------------- units
+
+
+@dataclass
+class Unit:
+    """A prunable set of coupled output channels, rooted at one Conv/Linear."""
+
+    index: int                   # discovery order
+    name: str                    # root module name
+    kind: str
+    channels: int
+    members: list[str]           # modules whose output channels go (conv, linear, norms)
+    consumers: list[str]         # modules whose input channels go
+    chunks: int = 1              # grouped convolutions: channels removed at the same positions in each chunk
+    contribution: int = 0        # MACs removed by the probe (probe_ratio of the channels)
+    probe_removed: int = 0
+
+
+@dataclass
+class Graph:
+    """A model, its dependency graph, and the units and what was left alone."""
+
+    model: nn.Module
+    dg: Any
+    units: list[Unit]
+    heads: list[str]
+    ignored: list[str]
+    skipped: list[dict[str, str]]
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def _tp():
+    import torch_pruning as tp
+
+    return tp
+
+
+@contextmanager
+def _module_stack(model: nn.Module) -> Iterator[list[str]]:
+    """The names of the modules running now (innermost last), for naming the module that broke a trace."""
+    stack: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+
+    def enter(module: nn.Module, _inputs: Any) -> None:
+        stack.append(names[module])
+
+    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        if stack:
+            stack.pop()
+
+    for module in model.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    return []
+
+
+def build_graph(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> Graph:
+    """Trace `model` with Torch-Pruning and list its units; heads, ignored and unprunable groups are left alone."""
+    tp = _tp()
+    captured: list[Any] = []
+    was_training = model.training
+    model.eval()
+    with _module_stack(model) as stack, torch.enable_grad():
+        try:
+            dg = tp.DependencyGraph().build_dependency(
+                model, example, forward_fn=lambda m, x: m(x), verbose=False,
+                output_transform=lambda out: captured.append(out) or out)
+        except Exception as exc:  # noqa: BLE001 - tracing raises anything the model's forward can raise
+            where = stack[-1] if stack else ""
+            module = model.get_submodule(where) if where else model
+            label = f"module {where!r} ({type(module).__name__})" if where else f"{type(model).__name__}"
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise UsageError(f"Torch-Pruning cannot trace {label}: {type(exc).__name__}: {first}; make its forward "
+                             "traceable with autograd (tensor outputs, no torch.no_grad or in-place edits of its "
+                             "input) or prune a model without it") from None
+    model.train(was_training)
+    outputs = _flatten(captured[0]) if captured else []
+    roots = {id(o.grad_fn) for o in outputs if o.grad_fn is not None}
+    names = {m: n for n, m in model.named_modules()}
+    root_nodes = {node for node in dg.module2node.values() if id(node.grad_fn) in roots}
+    conv, linear = tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR
+    user_ignored = {m for n, m in model.named_modules() if n and any(matches(n, p) for p in ignore)}
+    units, heads, ignored, skipped = [], [], [], []
+    for group in dg.get_all_groups(ignored_layers=[], root_module_types=(conv, linear)):
+        root = group[0].dep.target.module
+        out_members = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)
+                       and isinstance(dep.target.module, nn.Module) and dep.target.module in names]
+        reaches_output = any(dep.target in root_nodes and (dep.target.type == tp.ops.OPTYPE.OUTPUT or
+                                                           dg.is_out_channel_pruning_fn(dep.handler))
+                             for dep, _ in group)
+        layer_names = [names[m] for m in out_members if isinstance(m, (conv, linear))]
+        if reaches_output:
+            heads.extend(layer_names)
+            continue
+        if any(m in user_ignored for m in out_members):
+            ignored.extend(layer_names)
+            continue
+        pruner = dg.get_pruner_of_module(root)
+        channels = pruner.get_out_channels(root)
+        chunks = 1
+        for dep, _ in group:
+            m = dep.target.module
+            if isinstance(m, conv) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
+                chunks = math.lcm(chunks, m.groups)
+        if channels is None or channels < 2:
+            skipped.append({"name": names.get(root, "?"), "reason": "fewer than 2 output channels"})
+            continue
+        if channels % chunks or channels // chunks < 2 and chunks > 1:
+            skipped.append({"name": names[root], "reason": f"channels {channels} do not split into {chunks} "
+                                                           "convolution groups that can lose a channel each"})
+            continue
+        consumers = [names[dep.target.module] for dep, _ in group if dg.is_in_channel_pruning_fn(dep.handler)
+                     and not dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names]
+        units.append(Unit(len(units), names[root], type(root).__name__, channels,
+                          [names[m] for m in out_members], consumers, chunks))
+    return Graph(model, dg, units, heads, ignored, skipped, dict(model.named_modules()))
+
+
+def _root_group(graph: Graph, unit: Unit, idxs: list[int]) -> Any:
+    root = graph.modules[unit.name]
+    pruner = graph.dg.get_pruner_of_module(root)
+    return graph.dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
+
+
+def saliency(graph: Graph, unit: Unit, norm: str = "l1") -> torch.Tensor:
+    """Score per output channel (root index): the sum over the unit's Conv/Linear members of the channel's mean
+    |W| (l1) or root-mean-square W (l2); BatchNorm |gamma| when the unit has no such member."""
+    tp = _tp()
+    group = _root_group(graph, unit, list(range(unit.channels)))
+    score = torch.zeros(unit.channels, dtype=torch.float64)
+    fallback = torch.zeros(unit.channels, dtype=torch.float64)
+    found = False
+    for item in group:
+        dep, idxs, root_idxs = item.dep, item.idxs, item.root_idxs
+        module = dep.target.module
+        if not graph.dg.is_out_channel_pruning_fn(dep.handler) or not isinstance(module, nn.Module):
+            continue
+        if isinstance(module, (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)):
+            weight = module.weight.detach()
+            if getattr(module, "transposed", False):
+                weight = weight.transpose(0, 1)
+            flat = weight.flatten(1).double()
+            per = flat.abs().mean(1) if norm == "l1" else flat.pow(2).mean(1).sqrt()
+            score.index_add_(0, torch.tensor(root_idxs), per[torch.tensor(idxs)].cpu())
+            found = True
+        elif isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:
+            fallback.index_add_(0, torch.tensor(root_idxs), module.weight.detach().abs().double()[idxs].cpu())
+    return score if found else fallback
+
+
+def removable(unit: Unit, ratio: float) -> int:
+    """Channels a ratio removes: floor(ratio x C), the kept count rounded up to a multiple of the unit's
+    convolution groups, at least one channel (one per group) kept."""
+    c = unit.channels
+    kept = max(c - math.floor(ratio * c + 1e-9), 1)
+    kept = min(c, math.ceil(kept / unit.chunks) * unit.chunks)
+    return c - kept
+
+
+def grid(step: float) -> list[float]:
+    """The ratio grid step, 2 step, ... up to 0.95."""
+    count = int(math.floor(0.95 / step + 1e-9))
+    return [round(step * (i + 1), 10) for i in range(count)]
+
+
+def candidate_removals(unit: Unit, step: float, round_to: int = 1) -> list[int]:
+    """Channels each candidate removes, ascending and distinct: the ratio grid's, or with round_to r > 1 every
+    kept width that is a multiple of r (and of the unit's groups) below the unit's width; a unit narrower than
+    2r has none (it is left alone)."""
+    if round_to > 1:
+        if unit.channels < 2 * round_to:
+            return []
+        width = math.lcm(round_to, unit.chunks)
+        return [unit.channels - kept for kept in range((unit.channels - 1) // width * width, 0, -width)]
+    removals: list[int] = []
+    for ratio in grid(step):
+        n = removable(unit, ratio)
+        if n > 0 and n not in removals:
+            removals.append(n)
+    return removals
+
+
+def select(scores: torch.Tensor, n: int, chunks: int = 1) -> list[int]:
+    """The n lowest-scoring channels, ties by position; with chunks, the same n / chunks positions in each."""
+    if n <= 0:
+        return []
+    if chunks == 1:
+        return sorted(torch.argsort(scores, stable=True)[:n].tolist())
+    size = len(scores) // chunks
+    positions = torch.argsort(scores.view(chunks, size).sum(0), stable=True)[:n // chunks].tolist()
+    return sorted(c * size + p for c in range(chunks) for p in positions)
+
+
+# ----------------------------------------------------------------------------------------- in-place probes
+
+
+def _snapshot(obj: Any) -> dict[str, Any]:
+    state = dict(vars(obj))
+    if isinstance(obj, nn.Module):
+        state["_parameters"] = dict(obj._parameters)
+        state["_buffers"] = dict(obj._buffers)
+    for key, value in state.items():
+        if isinstance(value, list) and all(isinstance(v, (int, type(None))) for v in value):
+            state[key] = list(value)  # concat/split sizes, which tp edits in place
+    return state
+
+
+def _restore(obj: Any, state: dict[str, Any]) -> None:
+    vars(obj).clear()
+    vars(obj).update(state)
+
+
+def prune_unit(graph: Graph, unit: Unit, idxs: list[int]) -> Callable[[], None]:
+    """Remove channels `idxs` (root indices) of `unit` in place; returns the function that puts them back."""
+    tp = _tp()
+    group = _root_group(graph, unit, idxs)
+    saved: list[tuple[Any, dict[str, Any]]] = []
+    dg_maps = None
+    for item in group:
+        target = item.dep.target
+        if target.type == tp.ops.OPTYPE.PARAMETER:
+            if dg_maps is None:
+                dg_maps = (dict(graph.dg.module2node), dict(graph.dg._param_to_name))
+            name = graph.dg._param_to_name[target.module]
+            parent = graph.model.get_submodule(name.rpartition(".")[0]) if "." in name else graph.model
+            saved.append((parent, _snapshot(parent)))
+            saved.append((target, _snapshot(target)))
+        elif not isinstance(target.module, nn.Parameter):
+            saved.append((target.module, _snapshot(target.module)))
+    with torch.no_grad():
+        group.prune(record_history=False)
+
+    def undo() -> None:
+        for obj, state in reversed(saved):
+            _restore(obj, state)
+        if dg_maps is not None:
+            graph.dg.module2node, graph.dg._param_to_name = dg_maps
+
+    return undo
+
+
+# ---------------------------------------------------------------------------------------- the transform
+
+
+def channel_transform(model: nn.Module, before: dict[str, list[int]]) -> dict[str, Any]:
+    """The arch.json edit that re-creates every module whose tensors changed shape: its shape attributes and the
+    shapes of its own parameters and buffers."""
+    modules: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        tensors = {k: list(v.shape) for k, v in [*module._parameters.items(), *module._buffers.items()]
+                   if v is not None}
+        full = {f"{name}.{k}" if name else k: shape for k, shape in tensors.items()}
+        if any(before.get(k) != shape for k, shape in full.items()):
+            attrs = {a: list(v) if isinstance(v, tuple) else v for a in SHAPE_ATTRS
+                     if isinstance(v := getattr(module, a, None), (int, tuple))}
+            modules[name] = {"attrs": attrs, "tensors": tensors}
+    return {"type": TRANSFORM, "modules": modules}
+
+
+def probe_contributions(graph: Graph, example: torch.Tensor, probe_ratio: float,
+                        progress: Callable[[str, int, int], None] | None = None) -> int:
+    """MACs removed by cutting probe_ratio of each unit's channels (in place, then restored); returns MACs(M)."""
+    total = count_macs(graph.model, example).macs
+    for i, unit in enumerate(graph.units):
+        n = removable(unit, probe_ratio)
+        n = max(n, unit.chunks) if n == 0 and unit.channels > unit.chunks else n
+        unit.probe_removed = n
+        if n:
+            undo = prune_unit(graph, unit, select(saliency(graph, unit), n, unit.chunks))
+            try:
+                unit.contribution = total - count_macs(graph.model, example).macs
+            except Exception:  # noqa: BLE001 - a unit whose pruning breaks the forward pass is skipped later
+                unit.contribution = -1
+            finally:
+                undo()
+        if progress:
+            progress("pagcp: probing units", i + 1, len(graph.units))
+    return total
+
+
+def replay(model: nn.Module, example: torch.Tensor, removals: dict[str, list[int]], ignore: tuple[str, ...]) -> None:
+    """Prune `model` in place: unit name -> its output-channel indices to remove (original indices)."""
+    graph = build_graph(model, example, ignore)
+    by_name = {u.name: u for u in graph.units}
+    for name, idxs in removals.items():
+        if idxs:
+            prune_unit(graph, by_name[name], idxs)
+
+
+@register_transform(TRANSFORM)
+def replay_channels(model: nn.Module, edit: dict[str, Any]) -> None:
+    """arch.json replay: give each recorded module its pruned widths (fresh tensors; the weights load after)."""
+    for name, spec in edit["modules"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise UsageError(f"arch.json prunes channels of {name!r}, which this architecture does not have; the "
+                             "run directory does not match its base model") from None
+        for attr, value in spec.get("attrs", {}).items():
+            setattr(module, attr, tuple(value) if isinstance(value, list) else value)
+        for key, shape in spec["tensors"].items():
+            old = module._parameters.get(key)
+            if old is not None:
+                module._parameters[key] = nn.Parameter(torch.zeros(shape, dtype=old.dtype),
+                                                       requires_grad=old.requires_grad)
+            elif module._buffers.get(key) is not None:
+                module._buffers[key] = torch.zeros(shape, dtype=module._buffers[key].dtype)
