@@ -532,6 +532,11 @@ def test_api_prune_round_trip_and_task_table(trained_mt, tmp_path):
     md = (out / "report.md").read_text()
     assert "| position | pixel_error" in md
     assert "| order | unit | channels before | channels after | ratio | MACs contribution | δ_i | vetoed by" in md
+    assert "## Loss bound on the shipped model" in md and "## PAGCP rounds" in md
+    figures = report["audit"]["figures"]
+    assert set(figures["losses"]) == {"class", "mask", "position"}
+    assert f"| position | {figures['losses_reference']['position']:.4g} | {figures['losses']['position']:.4g} |" in md
+    assert "Loss bound on the shipped model" in (out / "report.html").read_text()
     first = min(report["layers"], key=lambda row: row["order"])
     assert f"| {first['order']} | {first['name']} | {first['channels_before']} | {first['channels_after']} |" in md
 
@@ -566,6 +571,21 @@ def test_cli_dry_run_lists_units_and_writes_nothing(tmp_path):
     assert listing["dry_run"] and len(listing["units"]) >= 5
     assert "classifier" in listing["heads"] and "mask_low.0" in listing["ignored"]
     assert not out.exists() and not Path(str(out) + ".partial").exists()
+
+
+def test_cli_tau_per_task_and_rounds_options(tmp_path):
+    base = ["prune", "--method", "pagcp", "--model", MT_SPEC, "--data", "digits-canvas", "--dry-run", "--json"]
+    result = CliRunner().invoke(app, [*base, "--tau", "3", "--tau", "position=1.5", "--rounds", "auto",
+                                      "--macs-target", "0.4", "--max-tau", "8"])
+    assert result.exit_code == 0, result.output
+    config = json.loads(result.stdout)["config"]
+    assert config["tau"] == 3.0 and [list(p) for p in config["task_tau"]] == [["position", 1.5]]
+    assert config["rounds"] == "auto" and config["max_tau"] == 8.0
+    for bad, words in ((["--rounds", "two"], "--rounds"), (["--rounds", "auto"], "macs_target"),
+                       (["--tau", "position=x"], "NAME=TAU"), (["--tau", "3", "--tau", "4"], "one plain --tau"),
+                       (["--max-tau", "2"], "max_tau")):
+        result = CliRunner().invoke(app, [*base, *bad])
+        assert result.exit_code == 2 and words in result.output, (bad, result.output)
 
 
 def test_cli_rejects_pagcp_options_for_other_methods(tmp_path):

@@ -64,6 +64,19 @@ PlanFn = Callable[[nn.Module, Any, Context], dict[str, Any]]
 
 
 @dataclass(frozen=True)
+class ReportSection:
+    """A method's own table in report.md and report.html, built from report.json alone."""
+
+    title: str
+    header: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    note: str = ""
+
+
+SectionsFn = Callable[[dict[str, Any]], list[ReportSection]]
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A registered method: its CLI name, config type, apply function, audit and dry-run plan."""
 
@@ -72,21 +85,28 @@ class MethodSpec:
     apply: ApplyFn
     audit: AuditFn | None = None
     plan: PlanFn | None = None
+    report_sections: SectionsFn | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register(name: str, config_type: type[ConfigBase], *, audit: AuditFn | None = None,
-             plan: PlanFn | None = None) -> Callable[[ApplyFn], ApplyFn]:
+             plan: PlanFn | None = None, report_sections: SectionsFn | None = None) -> Callable[[ApplyFn], ApplyFn]:
     """Decorator: make `apply(model, cfg, ctx) -> Result` available as `--method name`, with the method's audit
-    (what "target met" means for it) and its dry-run plan."""
+    (what "target met" means for it), its dry-run plan and its own report sections."""
 
     def wrap(fn: ApplyFn) -> ApplyFn:
-        METHODS[name] = MethodSpec(name, config_type, fn, audit, plan)
+        METHODS[name] = MethodSpec(name, config_type, fn, audit, plan, report_sections)
         return fn
 
     return wrap
+
+
+def sections_for(report: dict[str, Any]) -> list[ReportSection]:
+    """The report sections of the method that wrote `report` (none for other commands or unknown methods)."""
+    spec = METHODS.get(str(report.get("method")))
+    return spec.report_sections(report) if spec is not None and spec.report_sections is not None else []
 
 
 def method_for_config(cfg: ConfigBase) -> MethodSpec:

@@ -32,7 +32,7 @@ from torch import nn
 from compress.config import PAGCPConfig
 from compress.errors import UsageError
 from compress.measure import count_macs, count_params
-from compress.methods.base import AuditOutcome, Context, Result, register
+from compress.methods.base import AuditOutcome, Context, ReportSection, Result, register
 from compress.methods.channels import (
     Graph,
     Unit,
@@ -769,4 +769,34 @@ def tau_allowed(cfg: PAGCPConfig, summary: dict[str, Any]) -> float:
     return min(max(cfg.tau, summary.get("tau_used", cfg.tau)), cfg.max_tau or cfg.tau)
 
 
-register("pagcp", PAGCPConfig, audit=audit, plan=plan)(apply)
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def report_sections(report: dict[str, Any]) -> list[ReportSection]:
+    """The bound as the audit measured it on the shipped model, and what each round did."""
+    summary, figures = report.get("summary") or {}, (report.get("audit") or {}).get("figures") or {}
+    sections = []
+    if figures.get("losses"):
+        rows = [(task, _fmt(figures["losses_reference"].get(task)), _fmt(loss),
+                 _fmt(figures["loss_ratios"].get(task), 3), _fmt((summary.get("task_tau") or {}).get(task), 3))
+                for task, loss in figures["losses"].items()]
+        sections.append(ReportSection(
+            "Loss bound on the shipped model", ("task", "reference loss", "shipped loss", "ratio", "bound tau"), rows,
+            f"Calibration losses recomputed by the audit (reference: {summary.get('bound_reference', 'original')}); "
+            "a task whose reference loss is 0 is bounded by an absolute loss instead of a ratio."))
+    rounds = summary.get("rounds") or []
+    if rounds:
+        rows = [(str(r["round"]), _fmt(r["macs_keep"], 3), _fmt(r["tau"], 3),
+                 ", ".join(_fmt(a["delta0"], 3) for a in r["searches"]), str(r["units_pruned"]),
+                 "yes" if r["trimmed_to_target"] else "", ", ".join(r["dropped_for_bound"]) or "-") for r in rounds]
+        sections.append(ReportSection("PAGCP rounds", ("round", "MACs kept", "tau", "delta0 tried",
+                                                       "units pruned", "trimmed to target", "dropped for the bound"),
+                                      rows))
+    return sections
+
+
+register("pagcp", PAGCPConfig, audit=audit, plan=plan, report_sections=report_sections)(apply)

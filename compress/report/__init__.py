@@ -3,7 +3,7 @@ a measurement."""
 
 from compress.report.html import render_html
 from compress.report.markdown import render_markdown
-from compress.report.schema import SCHEMA_VERSION, validate
+from compress.report.schema import SCHEMA_VERSION
 from compress.report.terminal import print_summary
 
-__all__ = ["SCHEMA_VERSION", "print_summary", "render_html", "render_markdown", "validate"]
+__all__ = ["SCHEMA_VERSION", "print_summary", "render_html", "render_markdown"]

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from html import escape
 from typing import TYPE_CHECKING, Any
 
+from compress.methods.base import sections_for
 from compress.report.format import (backend_label, budget_line, bytes_label, export_rows, latency_rows, layer_kind,
                                     layer_table, mobile_lines, model_rows, num, task_rows)
 from compress.report.markdown import SPARSE_NOTE
@@ -306,9 +307,16 @@ def _conditions(report: dict[str, Any]) -> str:
         f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "</dl>")
 
 
+def _method_sections(report: dict[str, Any]) -> str:
+    """The tables the method that wrote the report adds (e.g. PAGCP's loss bound and rounds)."""
+    return "".join(_section(f"method-{i}", s.title, _table(s.header, s.rows) + (f"<p>{_e(s.note)}</p>" if s.note
+                                                                                else ""))
+                   for i, s in enumerate(sections_for(report)))
+
+
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained HTML page (inline CSS and PNG plots, no external resources) for one report.json."""
-    parts = [_header(report), _tasks(report), _layers(report), _size(report), _latency(report), _export(report),
+    parts = [_header(report), _tasks(report), _method_sections(report), _layers(report), _size(report), _latency(report), _export(report),
              _conditions(report)]
     title = _e(f"compress report: {report.get('method', '?')}")
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'

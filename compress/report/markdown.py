@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from compress.methods.base import sections_for
 from compress.report.format import (budget_line, export_rows, latency_rows, layer_table, mobile_lines, model_rows, num,
                                     task_rows)
 
@@ -63,6 +64,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["## Fine-tuning", "", f"{finetune['epochs']} epoch(s), {cfg['optimizer']}, lr {cfg['lr']}, "
                   f"label smoothing {cfg['label_smoothing']}, distillation {'on' if cfg['distill'] else 'off'}; "
                   f"mean loss per epoch {finetune['epoch_losses']}.", ""]
+    for section in sections_for(report):
+        lines += [f"## {section.title}", ""] + _table(section.header, section.rows)
+        lines += [section.note, ""] if section.note else []
     columns, rows = layer_table(report)
     if rows:
         lines += ["## Layers", ""] + _table(columns, rows)
