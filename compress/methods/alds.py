@@ -667,7 +667,7 @@ def apply(model: nn.Module, cfg: ALDSConfig, ctx: Context) -> Result:
     rows, transforms = decompose(model, candidates, factors, allocation, curves, budget)
     summary = _summary("alds", model, example, allocation, budget, params_before, macs_before, skipped, rows,
                        {"search": dict(log, seeds_tried=cfg.seeds, rounds=cfg.rounds, search_eps=best.eps_star)})
-    return Result(model, layers=rows, summary=summary, transforms=transforms)
+    return Result(model, layers=rows, summary=summary, transforms=transforms, sections={"keep": summary["keep"]})
 
 
 @register("svd", SVDConfig, audit=audit)
@@ -683,7 +683,7 @@ def apply_svd(model: nn.Module, cfg: SVDConfig, ctx: Context) -> Result:
     relative = [r / c.max_rank(1) for r, c in zip(allocation.ranks, candidates)]
     summary = _summary("svd", model, example, allocation, budget, params_before, macs_before, skipped, rows,
                        {"relative_rank": {"min": min(relative), "max": max(relative)}})
-    return Result(model, layers=rows, summary=summary, transforms=transforms)
+    return Result(model, layers=rows, summary=summary, transforms=transforms, sections={"keep": summary["keep"]})
 
 
 @register("svd-energy", SVDEnergyConfig, audit=audit)
@@ -704,4 +704,4 @@ def apply_svd_energy(model: nn.Module, cfg: SVDEnergyConfig, ctx: Context) -> Re
     frob = [float(e.err[j]) for e, j, row in zip(energy, allocation.ranks, rows) if row["decomposed"]]
     summary = _summary("svd-energy", model, example, allocation, budget, params_before, macs_before, skipped, rows,
                        {"energy_kept": 1.0 - max(frob, default=0.0) ** 2})
-    return Result(model, layers=rows, summary=summary, transforms=transforms)
+    return Result(model, layers=rows, summary=summary, transforms=transforms, sections={"keep": summary["keep"]})

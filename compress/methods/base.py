@@ -47,6 +47,7 @@ class Result:
     refresh: Callable[[], Result] | None = None  # recompute stats after fine-tuning changed the masks
     transforms: list[dict[str, Any]] = field(default_factory=list)  # structural edits, replayed from arch.json
     reference: nn.Module | None = None  # the model a method's bound is stated against (None: the original)
+    sections: dict[str, Any] = field(default_factory=dict)  # report sections of its own (sparsity, keep)
 
 
 @dataclass

@@ -203,8 +203,15 @@ def apply(model: nn.Module, cfg: GlobalMPConfig, ctx: Context) -> Result:
     first = cfg.sparsity if cfg.schedule == "oneshot" else cfg.initial_sparsity
     masks = compute_masks(layers, cfg, first)
     apply_masks_to(layers, masks)
-    result = Result(model, masks, layer_stats(layers, cfg, masks), summarise(layers, cfg, masks))
+    result = _result(model, layers, cfg, masks)
     if cfg.schedule == "gradual":
         result.step_hook = GradualSchedule(layers, cfg, masks)
-        result.refresh = lambda: Result(model, masks, layer_stats(layers, cfg, masks), summarise(layers, cfg, masks))
+        result.refresh = lambda: _result(model, layers, cfg, masks)
     return result
+
+
+def _result(model: nn.Module, layers: list[PrunableLayer], cfg: GlobalMPConfig, masks: Masks) -> Result:
+    """The result as the masks stand now, with the report's sparsity section."""
+    summary = summarise(layers, cfg, masks)
+    sparsity = {k: summary[k] for k in ("requested", "achieved", "counted_over")}
+    return Result(model, masks, layer_stats(layers, cfg, masks), summary, sections={"sparsity": sparsity})

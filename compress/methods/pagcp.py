@@ -633,7 +633,7 @@ def apply(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> Result:
     summary["search_seconds"] = round(time.perf_counter() - started, 3)
     transform = channel_transform(model, original_shapes)
     return Result(model, layers=rows, summary=summary, transforms=[transform] if transform["modules"] else [],
-                  reference=reference_model)
+                  reference=reference_model, sections={"keep": summary["keep"]})
 
 
 def _round_summary(outcome: Round, macs_original: int, names: list[str], index: int) -> dict[str, Any]:
