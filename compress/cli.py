@@ -6,20 +6,26 @@ Exit codes: 0 ok · 1 unexpected failure · 2 bad usage, config or recipe · 3 b
 
 from __future__ import annotations
 
+import collections
+import copy
 import dataclasses
+import functools
+import inspect
 import json
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+import typing
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from typer.core import TyperCommand
 
 from compress.errors import EXIT_CODES, CompressError, UsageError
 
@@ -86,9 +92,9 @@ class Session:
             report = getattr(exc, "report", None)
             if report is not None:  # the run was written; show what it found, then fail
                 self.emit(report)
-                self.err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+                self.err.print(f"error: {in_flags(str(exc))}", highlight=False, soft_wrap=True)
                 raise typer.Exit(exc.exit_code) from None
-            self.fail(str(exc), exc.exit_code)
+            self.fail(in_flags(str(exc)), exc.exit_code)
         except KeyboardInterrupt:
             self.err.print("interrupted; rerun the same command to resume from the last finished epoch")
             raise typer.Exit(130) from None
@@ -136,54 +142,6 @@ def _split_patterns(values: list[str] | None) -> tuple[str, ...]:
     return tuple(p.strip() for v in values or [] for p in v.split(",") if p.strip())
 
 
-METHOD_OPTIONS = {"sparsity": "sparsity", "min_threshold": "min_threshold", "min_keep": "min_keep",
-                  "include": "include", "exclude": "exclude", "schedule": "schedule", "keep": "keep",
-                  "macs_keep": "macs_keep", "min_group_channels": "min_group_channels", "delta0": "delta0",
-                  "tau": "tau", "task_tau": "task_tau", "max_tau": "max_tau", "zero_loss_atol": "zero_loss_atol",
-                  "top_p": "top_p", "exp": "exp", "macs_target": "macs_target", "macs_tolerance": "macs_tolerance",
-                  "rounds": "rounds", "round_epochs": "round_epochs", "round_items": "round_items",
-                  "round_to": "round_to", "ignore": "ignore"}
-OPTION_OF = {"task_tau": "tau"}  # config keys filled from another option (--tau NAME=TAU gives task_tau)
-FINETUNE_OPTIONS = {"finetune_epochs": "epochs", "optimizer": "optimizer", "lr": "lr", "distill": "distill"}
-
-
-def _explicit(ctx: typer.Context, name: str) -> bool:
-    """Whether the user gave option `name` on the command line (so it overrides the recipe)."""
-    source = ctx.get_parameter_source(OPTION_OF.get(name, name))
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-
-
-def _merge(ctx: typer.Context, recipe_part: dict[str, Any] | None, options: dict[str, str],
-           values: dict[str, Any]) -> dict[str, Any]:
-    """Recipe values, overridden by options given explicitly; CLI defaults fill the rest."""
-    merged = {key: values[opt] for opt, key in options.items()}
-    for key, value in (recipe_part or {}).items():
-        opt = next((o for o, k in options.items() if k == key), None)
-        if opt is None or not _explicit(ctx, opt):
-            merged[key] = value
-    return merged
-
-
-def _method_config(ctx: typer.Context, chosen: str, recipe_config: dict[str, Any] | None,
-                   values: dict[str, Any]) -> Any:
-    """The chosen method's config from the recipe and the options it accepts; an option given for another
-    method's config is refused."""
-    from compress import api
-
-    config_type = api.METHODS[chosen].config_type
-    accepted = {f.name for f in dataclasses.fields(config_type)}
-    for opt, key in METHOD_OPTIONS.items():
-        if key not in accepted and _explicit(ctx, opt):
-            takes = ", ".join("--" + o.replace("_", "-") for o, k in METHOD_OPTIONS.items() if k in accepted)
-            raise UsageError(f"--{opt.replace('_', '-')} does not apply to --method {chosen}; it takes {takes}")
-    if _explicit(ctx, "keep") and _explicit(ctx, "macs_keep"):
-        raise UsageError("give --keep (a parameter budget) or --macs-keep (a MACs budget), not both")
-    merged = _merge(ctx, recipe_config, METHOD_OPTIONS, values)
-    # recipe keys stay, so that a wrong one is reported by the config; unused CLI defaults go
-    merged = {k: v for k, v in merged.items() if k in accepted or k in (recipe_config or {})}
-    return config_type.from_dict(merged)
-
-
 ExportFormatOpt = Annotated[str | None, typer.Option("--export", help="Also write and verify model.onnx (onnx) or "
                             "model.onnx + model.ort (ort) in the run directory.")]
 Int8Opt = Annotated[bool, typer.Option("--int8", help="Also an int8 static (QDQ) model calibrated on the data set, "
@@ -203,140 +161,329 @@ def _export_settings(fmt: str | None, int8: bool, static_shapes: bool) -> Any:
     return ExportSettings(format=fmt, int8=int8, static_shapes=static_shapes)
 
 
-class _PruneCommand(TyperCommand):
-    """`prune` whose --method help lists the registry, imported only when help is shown."""
-
-    def format_help(self, ctx: Any, formatter: Any) -> None:
-        from compress.api import method_names
-
-        for param in self.params:
-            if param.name == "method":
-                param.help = f"Compression method: {', '.join(method_names())}."
-        super().format_help(ctx, formatter)
+# `prune`'s options: its own (below), then one per field of the registered methods' configs and of FinetuneConfig,
+# generated from the fields' metadata (see compress/config.py), grouped in --help panels.
+PANEL_COMMON, PANEL_OUTPUT = "Common", "Measure and export"
+OUTPUT_OPTIONS = ("latency", "export", "int8", "static_shapes", "measure")  # the rest of prune's own: Common
+DEFAULT_METHOD = "globalmp"
 
 
-@app.command(cls=_PruneCommand)
-def prune(
-    ctx: typer.Context,
-    method: Annotated[str, typer.Option(help="Compression method.")] = "globalmp",
-    sparsity: Annotated[float, typer.Option(help="Fraction of conv/linear weights to prune.")] = 0.9,
-    keep: Annotated[float, typer.Option(help="Low-rank methods (alds, svd, svd-energy): fraction of all "
-                                        "parameters to keep.")] = 0.5,
-    macs_keep: Annotated[float | None, typer.Option(help="Low-rank methods: fraction of MACs to keep instead of "
-                                                    "--keep.")] = None,
-    min_group_channels: Annotated[int, typer.Option(help="ALDS: input channels each group keeps at least "
-                                                    "(e.g. 16 for speed on dense runtimes; 1: any k).")] = 1,
-    min_threshold: Annotated[float, typer.Option(help="Floor: percent of all prunable weights every layer keeps "
-                                                 "(the paper's MT, e.g. 0.05).")] = 0.0,
-    min_keep: Annotated[float, typer.Option(help="Floor: fraction of its own weights every layer keeps.")] = 0.0,
-    include: Annotated[list[str] | None, typer.Option(help="Prune only modules matching (glob or re:REGEX).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Never prune modules matching (glob or re:REGEX).")] = None,
-    schedule: Annotated[str, typer.Option(help="oneshot, or gradual (cubic, during fine-tuning).")] = "oneshot",
-    delta0: Annotated[float, typer.Option(help="PAGCP: allowed relative rise of each task's calibration loss for "
-                                          "the first unit.")] = 0.05,
-    tau: Annotated[list[str] | None, typer.Option(help="PAGCP: bound on each task's calibration loss in the model "
-                                                  "that ships, as a multiple of the original (default 5); NAME=TAU "
-                                                  "(repeat) bounds one task, e.g. position=2.")] = None,
-    max_tau: Annotated[float | None, typer.Option(help="PAGCP: a --macs-target may loosen tau up to this ceiling "
-                                                  "(reported as tau_used); default: never.")] = None,
-    zero_loss_atol: Annotated[float, typer.Option(help="PAGCP: the loss a task with zero original loss may reach "
-                                                  "(an absolute bound instead of a ratio).")] = 1e-6,
-    top_p: Annotated[float, typer.Option(help="PAGCP: share of units whose pruning is kept (smallest loss rise per "
-                                         "MAC removed).")] = 1.0,
-    exp: Annotated[bool, typer.Option("--exp/--no-exp", help="PAGCP: geometric schedule of the allowed rise "
-                                      "(lambda from delta0, tau and the unit count).")] = False,
-    macs_target: Annotated[float | None, typer.Option(help="PAGCP: fraction of the original MACs to keep; the search "
-                                                      "varies delta0 (never tau) to meet it, else exits 6.")] = None,
-    macs_tolerance: Annotated[float, typer.Option(help="PAGCP: |kept - target| allowed, as a fraction of the "
-                                                  "original MACs.")] = 0.02,
-    rounds: Annotated[str, typer.Option(help="PAGCP: rounds of pruning under the bound with a short fine-tune "
-                                        "between them; auto: until --macs-target is met.")] = "1",
-    round_epochs: Annotated[int, typer.Option(help="PAGCP: fine-tuning epochs between rounds.")] = 1,
-    round_items: Annotated[int | None, typer.Option(help="PAGCP: training items each between-round fine-tune "
-                                                    "uses (default: all).")] = None,
-    round_to: Annotated[int, typer.Option(help="PAGCP: kept channel counts are multiples of this (units narrower "
-                                          "than twice it are left alone).")] = 1,
-    ignore: Annotated[list[str] | None, typer.Option(help="PAGCP: never prune the output channels of modules "
-                                                     "matching (glob or re:REGEX); task heads are left alone "
-                                                     "anyway.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="PAGCP: list the units (channels, coupled members) and "
-                                          "what is left alone, then exit without probing or writing a run.")] = False,
-    finetune_epochs: Annotated[int, typer.Option(help="Epochs of fine-tuning after pruning.")] = 0,
-    optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
-    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.03,
-    distill: Annotated[bool, typer.Option(help="Distil from the uncompressed model while fine-tuning.")] = False,
-    latency: Annotated[bool, typer.Option(help="Measure PyTorch CPU latency beside the original.")] = True,
-    bn_recalibrate: Annotated[bool, typer.Option(help="Re-estimate BatchNorm statistics on the calibration split "
-                                                 "after compressing.")] = True,
+def _prune_options(
+    model: ModelOpt = None, weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
+    data: DataOpt = None, seed: SeedOpt = 0,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (see recipes/); options given here override "
                                                 "it.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="PAGCP: list the units (channels, coupled members) and "
+                                          "what is left alone, then exit without probing or writing a run.")] = False,
+    bn_recalibrate: Annotated[bool, typer.Option(help="Re-estimate BatchNorm statistics on the calibration split "
+                                                 "after compressing.")] = True,
+    out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
+    debug: DebugOpt = False, threads: ThreadsOpt = None,
+    latency: Annotated[bool, typer.Option(help="Measure PyTorch CPU latency beside the original.")] = True,
     export: ExportFormatOpt = None, int8: Int8Opt = False, static_shapes: StaticOpt = False,
     measure: Annotated[bool, typer.Option("--measure", help="Time every backend (PyTorch, ONNX Runtime, mobile "
-                                          "proxy; batch 1 and 32) against the original and size every format.")] = False,
-    model: ModelOpt = None, weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
-    data: DataOpt = None, seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False,
-    quiet: QuietOpt = False, debug: DebugOpt = False, threads: ThreadsOpt = None,
+                                          "proxy; batch 1 and 32) against the original and size every "
+                                          "format.")] = False,
 ) -> None:
+    """The options of `prune` that are not config fields (only this signature is used)."""
+
+
+@dataclasses.dataclass
+class Flag:
+    """An option of `prune` made from a config field; configs with a field of the same name share it."""
+
+    field: dataclasses.Field[Any]
+    hint: Any  # the field's type, resolved
+    panel: str
+    owners: list[str] = dataclasses.field(default_factory=list)  # the methods whose configs take it
+    shared: bool = False  # its panel or the option serves several methods (the help then names them)
+
+    @property
+    def meta(self) -> Any:
+        return self.field.metadata
+
+    @property
+    def decl(self) -> str:
+        return self.meta.get("flag", "--" + self.field.name.replace("_", "-"))
+
+    @property
+    def name(self) -> str:
+        """The parameter's name in the command (what Click reports the option's source under)."""
+        return self.decl.lstrip("-").replace("-", "_")
+
+
+def _flags(configs: list[tuple[type, str, str]]) -> dict[str, Flag]:
+    """The options of the visible fields of `configs`, given as (config type, panel, method), by parameter name."""
+    flags: dict[str, Flag] = {}
+    for config_type, panel, owner in configs:
+        hints = typing.get_type_hints(config_type)
+        for field in dataclasses.fields(config_type):
+            if field.metadata.get("hidden"):
+                continue
+            new = Flag(field, hints[field.name], panel)
+            flag = flags.setdefault(new.name, new)
+            if (flag.field.name, flag.hint) != (field.name, new.hint):
+                raise TypeError(f"{config_type.__name__}.{field.name} and another config's {flag.field.name} share "
+                                f"the option {flag.decl} with another field or type; give one a metadata 'flag'")
+            flag.owners.append(owner)
+    per_panel = collections.Counter(panel for _, panel, _ in configs)
+    for flag in flags.values():
+        flag.shared = len(flag.owners) > 1 or per_panel[flag.panel] > 1
+    return flags
+
+
+RUN_FLAGS = {"data": "--data", "model": "--model", "weights": "--weights"}
+
+
+def in_flags(message: str) -> str:
+    """A domain message in the CLI's words: the `setting` names methods and configs write become the flags that
+    set them (the API and recipes keep the names)."""
+    if "`" not in message:
+        return message
+    from compress.config import FinetuneConfig
+    from compress.methods import METHODS
+
+    flags = dict(RUN_FLAGS)
+    for config_type in (FinetuneConfig, *(spec.config_type for spec in METHODS.values())):
+        for field in dataclasses.fields(config_type):
+            if not field.metadata.get("hidden"):
+                flags.setdefault(field.name, field.metadata.get("flag", "--" + field.name.replace("_", "-")))
+    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def _method_flags() -> dict[str, Flag]:
+    """The options of every registered method's config, the default method's first."""
+    from compress.methods import METHODS
+
+    specs = sorted(METHODS.values(), key=lambda spec: spec.name != DEFAULT_METHOD)
+    return _flags([(spec.config_type, spec.config_type.cli_panel or spec.name, spec.name) for spec in specs])
+
+
+def _tune_flags() -> dict[str, Flag]:
+    from compress.config import FinetuneConfig
+
+    return _flags([(FinetuneConfig, FinetuneConfig.cli_panel, "")])
+
+
+def _number_or_word(hint: Any) -> bool:
+    """Whether a field takes a number or a word (e.g. rounds: int | str, 3 or auto)."""
+    args = typing.get_args(hint)
+    return str in args and len(args) > 1
+
+
+def _cli_type(flag: Flag) -> tuple[Any, Any]:
+    """The option's type and default: a list for a tuple field or NAME=VALUE items, text for a number or word."""
+    field = flag.field
+    factory = field.default_factory
+    default = flag.meta.get("cli_default", field.default if factory is dataclasses.MISSING else factory())
+    if "per_name" in flag.meta:
+        return list[str] | None, None
+    if typing.get_origin(flag.hint) is tuple:
+        return list[typing.get_args(flag.hint)[0]] | None, None  # type: ignore[misc]
+    if _number_or_word(flag.hint):
+        return str, str(default)
+    return flag.hint, default
+
+
+def _help(flag: Flag) -> str:
+    """The field's help, then the methods it serves when they are several, and a list option's default."""
+    text = flag.meta.get("help", "")
+    if flag.shared:
+        text += f" For {', '.join(flag.owners)}."
+    if "per_name" in flag.meta:  # a list option: its default is the field's
+        text += f" Default: {flag.field.default}."
+    return text
+
+
+def _metavar(flag: Flag) -> str | None:
+    """`oneshot|gradual` for a field with choices, `<int>|auto` for a number or a word; else Typer's."""
+    choices = flag.meta.get("choices")
+    if not choices:
+        return None
+    return "|".join([*(f"<{a.__name__}>" for a in typing.get_args(flag.hint) if a is not str), *choices])
+
+
+def _parameter(flag: Flag) -> inspect.Parameter:
+    """The option as a parameter of the command's signature (what Typer builds the Click option from)."""
+    annotation, default = _cli_type(flag)
+    decl = flag.decl + (f"/--no-{flag.decl[2:]}" if flag.hint is bool else "")
+    option = typer.Option(default, decl, help=_help(flag), rich_help_panel=flag.panel, metavar=_metavar(flag))
+    return inspect.Parameter(flag.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+def _in_panel(param: inspect.Parameter, panel: str) -> inspect.Parameter:
+    """One of prune's own options, shown in `panel` (its typer.Option copied: other commands share it)."""
+    base, info = typing.get_args(param.annotation)
+    info = copy.copy(info)
+    info.rich_help_panel = panel
+    return param.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[base, info])
+
+
+def _prune_signature() -> inspect.Signature:
+    """prune's signature: its own options, --method, and the generated ones of the methods registered now."""
+    from compress.methods import METHODS
+
+    own = list(inspect.signature(_prune_options, eval_str=True).parameters.values())
+    method = typer.Option(DEFAULT_METHOD, "--method", help=f"Compression method: {', '.join(sorted(METHODS))}.",
+                          rich_help_panel=PANEL_COMMON)
+    params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context),
+              inspect.Parameter("method", inspect.Parameter.KEYWORD_ONLY, default=method, annotation=str),
+              *(_in_panel(p, PANEL_COMMON) for p in own if p.name not in OUTPUT_OPTIONS),
+              *(_parameter(flag) for flag in (*_method_flags().values(), *_tune_flags().values())),
+              *(_in_panel(p, PANEL_OUTPUT) for p in own if p.name in OUTPUT_OPTIONS)]
+    clashes = sorted(name for name, n in collections.Counter(p.name for p in params).items() if n > 1)
+    if clashes:
+        raise TypeError(f"config fields clash with prune's options {clashes}; give them a metadata 'flag'")
+    return inspect.Signature(params)
+
+
+class _LiveSignature:
+    """A command callback whose signature is computed each time it is read. Typer reads it whenever it builds the
+    app (typer.main.get_command, on every invocation), so `prune` offers the options of the methods registered
+    at that moment."""
+
+    def __init__(self, fn: Callable[..., None], signature: Callable[[], inspect.Signature]) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn, self._signature = fn, signature
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return self._signature()
+
+    def __call__(self, **values: Any) -> None:
+        self._fn(**values)
+
+
+def prune(ctx: typer.Context, **values: Any) -> None:
     """Compress a model, optionally fine-tune it, measure it against the original, and save the run."""
-    session = Session(as_json=as_json, quiet=quiet, debug=debug)
-    values = dict(locals())
-    values.update(include=_split_patterns(include), exclude=_split_patterns(exclude), ignore=_split_patterns(ignore))
-    values.update(_tau_values(tau), rounds=_rounds_value(rounds))
-
-    def go() -> dict[str, Any]:
-        from compress import api
-        from compress.config import FinetuneConfig, load_recipe
-
-        _set_threads(threads)
-        plan = load_recipe(str(recipe)) if recipe else {}
-        chosen = plan.get("method", method) if not _explicit(ctx, "method") else method
-        if chosen not in api.method_names():
-            raise UsageError(f"unknown method {chosen!r}; choose one of {', '.join(api.method_names())}")
-        cfg = _method_config(ctx, chosen, plan.get("config"), values)
-        tune = FinetuneConfig.from_dict(_merge(ctx, plan.get("finetune"), FINETUNE_OPTIONS, values))
-        if getattr(cfg, "schedule", "oneshot") == "gradual" and tune.epochs < 1:
-            raise UsageError("--schedule gradual prunes during fine-tuning; give --finetune-epochs 1 or more")
-        pick = {key: plan.get(key, values[key]) if not _explicit(ctx, key) else values[key]
-                for key in ("model", "data", "seed")}
-        source = api.ModelSource(spec=pick["model"], weights=str(weights) if weights else None,
-                                 num_classes=num_classes, trust_pickle=trust_pickle)
-        if dry_run:
-            return api.plan(source, cfg, api.RunOptions(out=_default_out("prune", out), data=pick["data"],
-                                                        seed=pick["seed"]))
-        options = api.RunOptions(out=_default_out("prune", out), data=pick["data"], seed=pick["seed"], force=force,
-                                 latency=latency, recalibrate_bn=bn_recalibrate,
-                                 measure=api.LatencySettings() if measure else None,
-                                 export=_export_settings(export, int8, static_shapes))
-        with session.progress() as progress:
-            return api.prune(source, cfg, options, tune, progress)
-
-    report = session.run(go)
+    session = Session(as_json=values["as_json"], quiet=values["quiet"], debug=values["debug"])
+    report = session.run(lambda: _prune(ctx, SimpleNamespace(**values), session))
     if report.get("dry_run"):
         _print_plan(session, report)
         return
     session.emit(report)
 
 
-def _tau_values(given: list[str] | None) -> dict[str, Any]:
-    """`--tau 5 --tau position=2` as tau and task_tau (one plain number at most)."""
-    plain = [v for v in given or [] if "=" not in v]
+app.command(name="prune")(_LiveSignature(prune, _prune_signature))
+
+
+def _prune(ctx: typer.Context, opts: SimpleNamespace, session: Session) -> dict[str, Any]:
+    """The configs from the recipe and the options, then the dry-run plan or the run."""
+    from compress import api
+    from compress.config import load_recipe
+
+    _set_threads(opts.threads)
+    recipe = load_recipe(str(opts.recipe)) if opts.recipe else {}
+    cfg, tune = _prune_configs(ctx, recipe, vars(opts))
+    pick = {key: getattr(opts, key) if _explicit(ctx, key) else recipe.get(key, getattr(opts, key))
+            for key in ("model", "data", "seed")}
+    source = api.ModelSource(spec=pick["model"], weights=str(opts.weights) if opts.weights else None,
+                             num_classes=opts.num_classes, trust_pickle=opts.trust_pickle)
+    out = _default_out("prune", opts.out)
+    if opts.dry_run:
+        return api.plan(source, cfg, api.RunOptions(out=out, data=pick["data"], seed=pick["seed"]))
+    options = api.RunOptions(out=out, data=pick["data"], seed=pick["seed"], force=opts.force, latency=opts.latency,
+                             recalibrate_bn=opts.bn_recalibrate,
+                             measure=api.LatencySettings() if opts.measure else None,
+                             export=_export_settings(opts.export, opts.int8, opts.static_shapes))
+    with session.progress() as progress:
+        return api.prune(source, cfg, options, tune, progress)
+
+
+def _prune_configs(ctx: typer.Context, recipe: dict[str, Any], values: dict[str, Any]) -> tuple[Any, Any]:
+    """The method's config and the fine-tuning config: the recipe's, overridden by the options given."""
+    from compress import api
+    from compress.config import FinetuneConfig
+
+    chosen = values["method"] if _explicit(ctx, "method") else recipe.get("method", values["method"])
+    if chosen not in api.method_names():
+        raise UsageError(f"unknown method {chosen!r}; choose one of {', '.join(api.method_names())}")
+    cfg = _method_config(ctx, chosen, recipe.get("config"), values)
+    tune = FinetuneConfig.from_dict(_merged(ctx, _tune_flags().values(), recipe.get("finetune"), values))
+    if getattr(cfg, "schedule", "oneshot") == "gradual" and tune.epochs < 1:
+        raise UsageError("--schedule gradual prunes during fine-tuning; give --finetune-epochs 1 or more")
+    return cfg, tune
+
+
+def _explicit(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option `name` on the command line (so it overrides the recipe)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _method_config(ctx: typer.Context, chosen: str, recipe_config: dict[str, Any] | None,
+                   values: dict[str, Any]) -> Any:
+    """The chosen method's config from the recipe and the options it takes; an option of another method's config
+    is refused."""
+    from compress import api
+
+    config_type = api.METHODS[chosen].config_type
+    order = [field.name for field in dataclasses.fields(config_type)]
+    flags = list(_method_flags().values())
+    takes = sorted((flag for flag in flags if chosen in flag.owners), key=lambda flag: order.index(flag.field.name))
+    for flag in flags:
+        if chosen not in flag.owners and _explicit(ctx, flag.name):
+            names = ", ".join(f.decl for f in takes) or "no method options"
+            raise UsageError(f"{flag.decl} does not apply to --method {chosen}; it takes {names}")
+    for flag in takes:  # e.g. --macs-keep replaces --keep: not both
+        replaced = next((f for f in takes if f.field.name == flag.meta.get("replaces")), None)
+        if replaced and _explicit(ctx, flag.name) and _explicit(ctx, replaced.name):
+            raise UsageError(f"give {replaced.decl} or {flag.decl}, not both ({flag.decl} replaces {replaced.decl})")
+    return config_type.from_dict(_merged(ctx, takes, recipe_config, values))
+
+
+def _merged(ctx: typer.Context, flags: Iterable[Flag], recipe_part: dict[str, Any] | None,
+            values: dict[str, Any]) -> dict[str, Any]:
+    """Recipe values (every key kept, so that the config reports a wrong one), overridden by the options given;
+    an option's cli_default fills a key that neither gives; the config's defaults fill the rest."""
+    merged = dict(recipe_part or {})
+    for flag in flags:
+        if _explicit(ctx, flag.name):
+            merged.update(_config_values(flag, values[flag.name]))
+        elif "cli_default" in flag.meta:
+            merged.setdefault(flag.field.name, flag.meta["cli_default"])
+    return merged
+
+
+def _config_values(flag: Flag, value: Any) -> dict[str, Any]:
+    """An option's value as config keys and values (checked by the config itself)."""
+    name = flag.field.name
+    if "per_name" in flag.meta:
+        return _per_name_values(flag, value or [])
+    if typing.get_origin(flag.hint) is tuple:
+        return {name: _split_patterns(value) if typing.get_args(flag.hint)[0] is str else tuple(value or ())}
+    if _number_or_word(flag.hint):
+        return {name: _number_or_word_value(flag, value)}
+    return {name: value}
+
+
+def _per_name_values(flag: Flag, given: list[str]) -> dict[str, Any]:
+    """`--tau 5 --tau position=2`: one plain value for the field, NAME=VALUE items for the field its "per_name"
+    metadata names (checked by the config)."""
+    plain, named = [v for v in given if "=" not in v], tuple(v for v in given if "=" in v)
+    word = flag.field.name.upper()
     if len(plain) > 1:
-        raise typer.BadParameter(f"give one plain --tau (got {', '.join(plain)}); bound single tasks with NAME=TAU")
-    try:
-        tau = float(plain[0]) if plain else 5.0
-    except ValueError:
-        raise typer.BadParameter(f"--tau {plain[0]!r} must be a number or NAME=TAU, e.g. 5 or position=2") from None
-    return {"tau": tau, "task_tau": tuple(v for v in given or [] if "=" in v)}
+        raise UsageError(f"give one plain {flag.decl} (got {', '.join(plain)}); set single ones with NAME={word}")
+    values: dict[str, Any] = {flag.meta["per_name"]: named} if named else {}
+    if plain:
+        try:
+            values[flag.field.name] = flag.hint(plain[0])
+        except ValueError:
+            raise UsageError(f"{flag.decl} {plain[0]!r} must be a number or NAME={word}") from None
+    return values
 
 
-def _rounds_value(text: str) -> int | str:
-    """`--rounds 3` or `--rounds auto`."""
-    if text.strip().lower() == "auto":
-        return "auto"
+def _number_or_word_value(flag: Flag, text: str) -> int | float | str:
+    """`--rounds 3` or `--rounds auto`: a number, or one of the field's "choices" words."""
+    words = flag.meta.get("choices", ())
+    if text.strip().lower() in words:
+        return text.strip().lower()
+    number = next(a for a in typing.get_args(flag.hint) if a is not str)
     try:
-        return int(text)
+        return number(text)
     except ValueError:
-        raise typer.BadParameter(f"--rounds {text!r} must be a whole number or auto") from None
+        kind = "a whole number" if number is int else "a number"
+        raise UsageError(f"{flag.decl} {text!r} must be {kind} or {' or '.join(words)}") from None
 
 
 def _print_plan(session: Session, listing: dict[str, Any]) -> None:

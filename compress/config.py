@@ -1,12 +1,20 @@
-"""Frozen, keyword-only configs, validated on construction, round-tripping through dicts (recipes, reports)."""
+"""Frozen, keyword-only configs, validated on construction, round-tripping through dicts (recipes, reports).
+
+The user-facing fields carry `dataclasses.field(metadata=...)` from which the CLI generates its options
+(compress/cli.py): "help" (the option's help), "flag" (the option's name when it is not --field-name), "hidden"
+(an internal knob: no option; recipes still set it), "choices" (the allowed words, checked in `__post_init__`),
+"cli_default" (the option's default when it differs from the field's), "per_name" (the option also takes
+NAME=VALUE items, which fill the named field) and "replaces" (a field that this one replaces: giving both options
+is refused). A config's `cli_panel` names its group of options in `--help` (default: the method's name).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
 import re
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 from compress.errors import UsageError
 
@@ -55,6 +63,8 @@ def _task_taus(value: Any) -> tuple[tuple[str, float], ...]:
 class ConfigBase:
     """Shared dict round-trip for every config."""
 
+    cli_panel: ClassVar[str] = ""  # the --help panel of the config's options; "": the method's name
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -66,6 +76,14 @@ class ConfigBase:
             raise UsageError(f"unknown key(s) {unknown} for {cls.__name__}; allowed: {sorted(known)}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**values)
+
+
+def _check_choice(config: ConfigBase, name: str) -> None:
+    """Raise a UsageError unless field `name` holds one of the words of its metadata "choices"."""
+    choices = next(f.metadata["choices"] for f in dataclasses.fields(config) if f.name == name)
+    value = getattr(config, name)
+    if value not in choices:
+        raise UsageError(f"{name} = {value!r} is unknown; choose {' or '.join(choices)}")
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -90,21 +108,25 @@ def validate_patterns(patterns: tuple[str, ...], option: str) -> None:
 class GlobalMPConfig(ConfigBase):
     """Global magnitude pruning (Gupta et al.) with per-layer floors, one-shot or gradual."""
 
-    sparsity: float = 0.9
-    min_threshold: float = 0.0   # percent of all prunable weights that each layer keeps (the paper's MT)
-    min_keep: float = 0.0        # fraction of its own weights that each layer keeps
-    include: tuple[str, ...] = ()   # module-name patterns to prune; empty: every Conv/Linear
-    exclude: tuple[str, ...] = ()
-    schedule: str = "oneshot"    # "oneshot" or "gradual" (cubic, across fine-tuning)
-    initial_sparsity: float = 0.0  # gradual: sparsity at the first pruning step
+    cli_panel: ClassVar[str] = "GlobalMP"
+
+    sparsity: float = field(default=0.9, metadata={"help": "Fraction of conv/linear weights to prune."})
+    min_threshold: float = field(default=0.0, metadata={  # the paper's MT
+        "help": "Floor: percent of all prunable weights every layer keeps (the paper's MT, e.g. 0.05)."})
+    min_keep: float = field(default=0.0, metadata={"help": "Floor: fraction of its own weights every layer keeps."})
+    # module-name patterns to prune; empty: every Conv/Linear
+    include: tuple[str, ...] = field(default=(), metadata={"help": "Prune only modules matching (glob or re:REGEX)."})
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "Never prune modules matching (glob or re:REGEX)."})
+    schedule: str = field(default="oneshot", metadata={"help": "oneshot, or gradual (cubic, during fine-tuning).",
+                                                       "choices": ("oneshot", "gradual")})
+    initial_sparsity: float = field(default=0.0, metadata={"hidden": True})  # gradual: sparsity at the first step
 
     def __post_init__(self) -> None:
         _check_range("sparsity", self.sparsity, 0.0, 1.0, high_open=True)
         _check_range("min_threshold", self.min_threshold, 0.0, 100.0)
         _check_range("min_keep", self.min_keep, 0.0, 1.0)
         _check_range("initial_sparsity", self.initial_sparsity, 0.0, self.sparsity)
-        if self.schedule not in ("oneshot", "gradual"):
-            raise UsageError(f"schedule = {self.schedule!r} is unknown; choose oneshot or gradual")
+        _check_choice(self, "schedule")
         validate_patterns(self.include, "--include")
         validate_patterns(self.exclude, "--exclude")
 
@@ -113,24 +135,27 @@ class GlobalMPConfig(ConfigBase):
 class FinetuneConfig(ConfigBase):
     """Fine-tuning (and training) recipe: the paper's cosine schedule, label smoothing, optional distillation."""
 
-    epochs: int = 1
-    optimizer: str = "sgd"       # "sgd" or "adamw"
-    lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    batch_size: int = 128
-    augment: bool = True
-    distill: bool = False        # distil from the uncompressed model
-    distill_temperature: float = 4.0
-    distill_alpha: float = 0.5   # weight of the distillation term
-    warmup_steps: int = 0
+    cli_panel: ClassVar[str] = "Fine-tuning"
+
+    # `prune` fine-tunes only when asked: its --finetune-epochs defaults to 0
+    epochs: int = field(default=1, metadata={"help": "Epochs of fine-tuning after pruning.",
+                                             "flag": "--finetune-epochs", "cli_default": 0})
+    optimizer: str = field(default="sgd", metadata={"help": "sgd or adamw.", "choices": ("sgd", "adamw")})
+    lr: float = field(default=0.03, metadata={"help": "Peak learning rate (cosine schedule)."})
+    momentum: float = field(default=0.9, metadata={"hidden": True})
+    weight_decay: float = field(default=5e-4, metadata={"hidden": True})
+    label_smoothing: float = field(default=0.1, metadata={"hidden": True})
+    batch_size: int = field(default=128, metadata={"hidden": True})
+    augment: bool = field(default=True, metadata={"hidden": True})
+    distill: bool = field(default=False, metadata={"help": "Distil from the uncompressed model while fine-tuning."})
+    distill_temperature: float = field(default=4.0, metadata={"hidden": True})
+    distill_alpha: float = field(default=0.5, metadata={"hidden": True})  # weight of the distillation term
+    warmup_steps: int = field(default=0, metadata={"hidden": True})
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
             raise UsageError(f"epochs = {self.epochs} must be >= 0")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise UsageError(f"optimizer = {self.optimizer!r} is unknown; choose sgd or adamw")
+        _check_choice(self, "optimizer")
         _check_range("lr", self.lr, 0.0, 10.0, low_open=True)
         _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         _check_range("distill_alpha", self.distill_alpha, 0.0, 1.0)
@@ -168,6 +193,13 @@ def _check_budget(keep: float, macs_keep: float | None) -> None:
         _check_range("macs_keep", macs_keep, 0.0, 1.0, low_open=True)
 
 
+# the budget and the patterns of the low-rank methods (ALDS, SVD)
+_KEEP = {"help": "Fraction of all parameters to keep (norms, biases, untouched layers included)."}
+_MACS_KEEP = {"help": "Fraction of MACs to keep instead of --keep.", "replaces": "keep"}
+_DECOMPOSE = {"help": "Decompose only modules matching (glob or re:REGEX)."}
+_LEAVE = {"help": "Never decompose modules matching (glob or re:REGEX)."}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ALDSConfig(ConfigBase):
     """ALDS (Liebenwein et al. 2021): per-layer rank j and channel groups k minimising the worst relative error.
@@ -176,16 +208,22 @@ class ALDSConfig(ConfigBase):
     `keep` is not used). The seeded k search uses the run's seed.
     """
 
-    keep: float = 0.5            # fraction of ALL parameters kept (norms, biases, untouched layers included)
-    macs_keep: float | None = None  # when given: the budget is this fraction of MACs instead of parameters
-    groups: tuple[int, ...] = ()   # candidate k per layer (used where k divides the input channels); empty: all
+    cli_panel: ClassVar[str] = "ALDS / SVD"
+
+    keep: float = field(default=0.5, metadata=_KEEP)  # fraction of ALL parameters kept
+    macs_keep: float | None = field(default=None, metadata=_MACS_KEEP)  # given: a MACs budget, not parameters
+    # candidate k per layer (used where k divides the input channels); empty: all
+    groups: tuple[int, ...] = field(default=(), metadata={"hidden": True})
     # k only where each group keeps at least this many input channels: narrow groups cut MACs but run slowly on
     # dense runtimes (ONNX Runtime, mobile); 1 allows every divisor, as the paper does
-    min_group_channels: int = 1
-    seeds: int = 15              # starting points of the k search: k nearest 3, 5, 7, 9, then random divisors
-    rounds: int = 4              # k re-assignment rounds per seed
-    include: tuple[str, ...] = ()  # module-name patterns to decompose; empty: every Conv2d/Linear
-    exclude: tuple[str, ...] = ()
+    min_group_channels: int = field(default=1, metadata={
+        "help": "Input channels each group keeps at least (e.g. 16 for speed on dense runtimes; 1: any k)."})
+    # starting points of the k search: k nearest 3, 5, 7, 9, then random divisors
+    seeds: int = field(default=15, metadata={"hidden": True})
+    rounds: int = field(default=4, metadata={"hidden": True})  # k re-assignment rounds per seed
+    # module-name patterns to decompose; empty: every Conv2d/Linear
+    include: tuple[str, ...] = field(default=(), metadata=_DECOMPOSE)
+    exclude: tuple[str, ...] = field(default=(), metadata=_LEAVE)
 
     def __post_init__(self) -> None:
         _check_budget(self.keep, self.macs_keep)
@@ -206,10 +244,12 @@ class ALDSConfig(ConfigBase):
 class SVDConfig(ConfigBase):
     """Truncated SVD baseline (k = 1): one relative rank for every layer, chosen to meet the budget."""
 
-    keep: float = 0.5
-    macs_keep: float | None = None
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+    cli_panel: ClassVar[str] = "ALDS / SVD"
+
+    keep: float = field(default=0.5, metadata=_KEEP)
+    macs_keep: float | None = field(default=None, metadata=_MACS_KEEP)
+    include: tuple[str, ...] = field(default=(), metadata=_DECOMPOSE)
+    exclude: tuple[str, ...] = field(default=(), metadata=_LEAVE)
 
     def __post_init__(self) -> None:
         _check_budget(self.keep, self.macs_keep)
@@ -237,27 +277,51 @@ class PAGCPConfig(ConfigBase):
     MACs target is met, at most `max_auto_rounds`).
     """
 
-    delta0: float = 0.05         # allowed relative loss rise of each task for the first unit
-    tau: float = 5.0             # bound on each task's final calibration loss, as a multiple of the original
-    task_tau: tuple[tuple[str, float], ...] = ()  # per-task bounds (task name, tau) that replace tau for that task
-    max_tau: float | None = None  # a MACs target may loosen tau up to this ceiling (reported as tau_used)
-    zero_loss_atol: float = 1e-6  # a task whose reference loss is 0 may rise to this absolute loss, not a ratio
-    top_p: float = 1.0           # share of units whose pruning is kept (smallest loss rise per MAC removed)
-    exp: bool = False            # geometric schedule of delta (lambda from delta0, tau and the unit count)
-    macs_target: float | None = None  # fraction of the original MACs to keep; None: follow delta0 and tau
-    macs_tolerance: float = 0.02      # |achieved - target| allowed, as a fraction of the original MACs
-    max_searches: int = 8             # searches the macs_target search may run per round and tau
-    rounds: int | str = 1        # rounds of prune + short fine-tune; "auto": until macs_target is met
-    max_auto_rounds: int = 5     # cap on rounds with rounds = "auto"
-    round_epochs: int = 1        # fine-tuning epochs between rounds
-    round_items: int | None = None  # training items each between-round fine-tune uses (None: the whole split)
-    round_to: int = 1            # kept channel counts are multiples of this (hardware-friendly widths)
-    ignore: tuple[str, ...] = ()  # module-name patterns never pruned (task heads are left alone anyway)
-    step: float = 0.05           # ratio grid: step, 2 step, ... up to 0.95 (round_to > 1: every multiple instead)
-    probe_ratio: float = 0.3     # share of a unit's channels removed to measure its MACs contribution
-    calibration_items: int = 512  # fixed calibration subset the oracle evaluates on
-    max_units: int | None = None  # search only the first N units in search order (a cap for cheap runs)
-    saliency: str = "l1"         # l1 or l2 norm of each output channel's weights
+    cli_panel: ClassVar[str] = "PAGCP"
+
+    delta0: float = field(default=0.05, metadata={  # allowed relative loss rise of each task for the first unit
+        "help": "Allowed relative rise of each task's calibration loss for the first unit."})
+    # bound on each task's final calibration loss, as a multiple of the original; --tau NAME=TAU fills task_tau
+    tau: float = field(default=5.0, metadata={"per_name": "task_tau", "help": (
+        "Bound on each task's calibration loss in the model that ships, as a multiple of the original; NAME=TAU "
+        "(repeat) bounds one task, e.g. position=2.")})
+    # per-task bounds (task name, tau) that replace tau for that task
+    task_tau: tuple[tuple[str, float], ...] = field(default=(), metadata={"hidden": True})
+    max_tau: float | None = field(default=None, metadata={  # reported as tau_used
+        "help": "A --macs-target may loosen tau up to this ceiling (reported as tau_used); default: never."})
+    zero_loss_atol: float = field(default=1e-6, metadata={
+        "help": "The loss a task with zero original loss may reach (an absolute bound instead of a ratio)."})
+    top_p: float = field(default=1.0, metadata={
+        "help": "Share of units whose pruning is kept (smallest loss rise per MAC removed)."})
+    exp: bool = field(default=False, metadata={
+        "help": "Geometric schedule of the allowed rise (lambda from delta0, tau and the unit count)."})
+    macs_target: float | None = field(default=None, metadata={  # None: follow delta0 and tau
+        "help": "Fraction of the original MACs to keep; the search varies delta0 (never tau) to meet it, else "
+                "exits 6."})
+    macs_tolerance: float = field(default=0.02, metadata={
+        "help": "|kept - target| allowed, as a fraction of the original MACs."})
+    # searches the macs_target search may run per round and tau
+    max_searches: int = field(default=8, metadata={"hidden": True})
+    rounds: int | str = field(default=1, metadata={"choices": ("auto",), "help": (
+        "Rounds of pruning under the bound with a short fine-tune between them; auto: until --macs-target is met.")})
+    max_auto_rounds: int = field(default=5, metadata={"hidden": True})  # cap on rounds with rounds = "auto"
+    round_epochs: int = field(default=1, metadata={"help": "Fine-tuning epochs between rounds."})
+    round_items: int | None = field(default=None, metadata={  # None: the whole split
+        "help": "Training items each between-round fine-tune uses (default: all)."})
+    round_to: int = field(default=1, metadata={  # hardware-friendly widths
+        "help": "Kept channel counts are multiples of this (units narrower than twice it are left alone)."})
+    ignore: tuple[str, ...] = field(default=(), metadata={"help": (
+        "Never prune the output channels of modules matching (glob or re:REGEX); task heads are left alone "
+        "anyway.")})
+    # ratio grid: step, 2 step, ... up to 0.95 (round_to > 1: every multiple instead)
+    step: float = field(default=0.05, metadata={"hidden": True})
+    # share of a unit's channels removed to measure its MACs contribution
+    probe_ratio: float = field(default=0.3, metadata={"hidden": True})
+    calibration_items: int = field(default=512, metadata={"hidden": True})  # fixed subset the oracle evaluates on
+    # search only the first N units in search order (a cap for cheap runs)
+    max_units: int | None = field(default=None, metadata={"hidden": True})
+    # l1 or l2 norm of each output channel's weights
+    saliency: str = field(default="l1", metadata={"hidden": True, "choices": ("l1", "l2")})
 
     def __post_init__(self) -> None:
         _check_range("delta0", self.delta0, 0.0, 1e6, low_open=True)
@@ -278,8 +342,7 @@ class PAGCPConfig(ConfigBase):
         _check_count("calibration_items", self.calibration_items, 1)
         if self.max_units is not None:
             _check_count("max_units", self.max_units, 1, "(or None: every unit)")
-        if self.saliency not in ("l1", "l2"):
-            raise UsageError(f"saliency = {self.saliency!r} is unknown; choose l1 or l2")
+        _check_choice(self, "saliency")
         validate_patterns(self.ignore, "--ignore")
 
     def _check_rounds(self) -> None:

@@ -184,66 +184,116 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
     """
     device = device or default_device()
     masks = masks if masks is not None else {}
-    tasks = splits.train.tasks if is_multitask(splits.train.tasks) else None
-    if tasks is not None and teacher is not None:
-        raise UsageError("distillation is for single-task classifiers; fine-tune this multitask model without "
-                         "--distill")
+    tasks = _training_tasks(splits, teacher)
     rank = distributed.current()
-    model.to(device)
-    if teacher is not None:
-        teacher.to(device).eval()
-    torch.manual_seed(seed)
-    distributed.check_same_on_all_ranks(masks, "pruning masks")
-    forward = model
-    if rank.world > 1:
-        forward = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                      else None)
+    forward = _place(model, teacher, device, seed, masks, rank)
     batches = Batches(splits.train, cfg.batch_size, shuffle=True, seed=seed, augment=cfg.augment,
                       shard=(rank.rank, rank.world))
     total_steps = cfg.epochs * len(batches)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, total_steps, cfg.warmup_steps))
+    loop = _Loop(model, forward, teacher, tasks, cfg, masks, device, optimizer, scheduler)
     log, start_epoch = TrainLog(), 0
     if checkpoint is not None and checkpoint.exists():
         start_epoch = _resume(checkpoint, run_key, model, optimizer, scheduler, masks, log)
         batches.epoch = start_epoch
     apply_masks(model, masks)
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        running, seen = 0.0, 0
-        for i, (x, y) in enumerate(batches):
-            step = epoch * len(batches) + i
-            if step_hook is not None:
-                step_hook(step, total_steps)
-            x, y = x.to(device), y.to(device)
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-            if tasks is not None:  # several tasks: the weighted sum of their losses
-                loss = total_loss(forward(x), y, tasks, label_smoothing=cfg.label_smoothing)
-            else:
-                loss = _loss(forward(x), y, cfg, teacher_logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            apply_masks(model, masks)
-            running, seen = running + loss.item() * len(y), seen + len(y)
-            if progress is not None:
-                progress(f"epoch {epoch + 1}/{cfg.epochs}", i + 1, len(batches))
-        log.epoch_losses.append(running / max(seen, 1))
+        log.epoch_losses.append(_train_epoch(loop, batches, epoch, total_steps, step_hook, progress))
         log.epochs = epoch + 1
         if checkpoint is not None and rank.is_main:
-            _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "masks": masks,
-                          "losses": log.epoch_losses, "run_key": run_key}, checkpoint)
+            _save_checkpoint(checkpoint, loop, log, run_key)
         distributed.barrier()
+    _finish(model, masks, checkpoint, rank)
+    return log
+
+
+@dataclass(frozen=True, eq=False)
+class _Loop:
+    """What every optimiser step of one `train` call uses."""
+
+    model: nn.Module
+    forward: nn.Module   # the DistributedDataParallel wrapper under torchrun, else `model`
+    teacher: nn.Module | None
+    tasks: Tasks | None  # None: one classifier
+    cfg: FinetuneConfig
+    masks: Masks
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training objective on one batch already on the device."""
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+        if self.tasks is not None:  # several tasks: the weighted sum of their losses
+            return total_loss(self.forward(x), y, self.tasks, label_smoothing=self.cfg.label_smoothing)
+        return _loss(self.forward(x), y, self.cfg, teacher_logits)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimiser and scheduler step on a batch; returns its loss."""
+        loss = self.loss(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        apply_masks(self.model, self.masks)  # after the step, so momentum cannot revive a pruned weight
+        return loss
+
+
+def _training_tasks(splits: Splits, teacher: nn.Module | None) -> Tasks | None:
+    """The tasks whose losses `train` sums (None for one classifier); refuses a teacher for several tasks."""
+    tasks = splits.train.tasks if is_multitask(splits.train.tasks) else None
+    if tasks is not None and teacher is not None:
+        raise UsageError("distillation is for single-task classifiers; fine-tune this multitask model without "
+                         "--distill")
+    return tasks
+
+
+def _place(model: nn.Module, teacher: nn.Module | None, device: torch.device, seed: int, masks: Masks,
+           rank: distributed.Rank) -> nn.Module:
+    """Move the models to `device` and seed; returns the module whose forward trains (DDP under torchrun)."""
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    torch.manual_seed(seed)
+    distributed.check_same_on_all_ranks(masks, "pruning masks")
+    if rank.world <= 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _train_epoch(loop: _Loop, batches: Batches, epoch: int, total_steps: int, step_hook: StepHook | None,
+                 progress: Progress | None) -> float:
+    """One pass over `batches`; returns the mean loss per item."""
+    loop.model.train()
+    running, seen = 0.0, 0
+    for i, (x, y) in enumerate(batches):
+        if step_hook is not None:
+            step_hook(epoch * len(batches) + i, total_steps)
+        x, y = x.to(loop.device), y.to(loop.device)
+        loss = loop.step(x, y)
+        running, seen = running + loss.item() * len(y), seen + len(y)
+        if progress is not None:
+            progress(f"epoch {epoch + 1}/{loop.cfg.epochs}", i + 1, len(batches))
+    return running / max(seen, 1)
+
+
+def _save_checkpoint(checkpoint: Path, loop: _Loop, log: TrainLog, run_key: str) -> None:
+    """Everything `_resume` needs to continue after the `log.epochs` epochs done."""
+    _atomic_save({"model": loop.model.state_dict(), "optimizer": loop.optimizer.state_dict(),
+                  "scheduler": loop.scheduler.state_dict(), "epoch": log.epochs, "masks": loop.masks,
+                  "losses": log.epoch_losses, "run_key": run_key}, checkpoint)
+
+
+def _finish(model: nn.Module, masks: Masks, checkpoint: Path | None, rank: distributed.Rank) -> None:
+    """Leave the model in eval mode, check the ranks agree on the masks, and drop the finished run's checkpoint."""
     model.eval()
     distributed.check_same_on_all_ranks(masks, "pruning masks after fine-tuning")
     if checkpoint is not None and checkpoint.exists() and rank.is_main:
         checkpoint.unlink()
-    return log
 
 
 def _resume(checkpoint: Path, run_key: str, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -116,6 +116,7 @@ def test_lowrank_report_shows_ranks_groups_and_audit(alds_report: dict[str, Any]
 
 def test_channel_layers_render(gmp_report: dict[str, Any]) -> None:
     report = copy.deepcopy(gmp_report)
+    report["method"] = "pagcp"  # the rows are labelled by the method's registry entry, not guessed from their keys
     report["layers"] = [{"name": f"backbone.stage{i}.block.conv", "kind": "Conv2d", "shape_before": [32, 16, 3, 3],
                          "shape_after": [16, 16, 3, 3], "channels_before": 32, "channels_after": 16,
                          "params_before": 4608, "params_after": 2304} for i in range(3)]

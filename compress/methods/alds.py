@@ -305,7 +305,7 @@ def find_candidates(model: nn.Module, include: tuple[str, ...], exclude: tuple[s
                    and (k == 1 or cand.c // k >= min_group_channels)]
         found.append(cand)
     if not found:
-        raise UsageError("no Conv2d/Linear layers to decompose match --include/--exclude; loosen the patterns")
+        raise UsageError("no Conv2d/Linear layers to decompose match `include`/`exclude`; loosen the patterns")
     return found, skipped
 
 
@@ -401,6 +401,17 @@ def allocate(candidates: list[Candidate], curves: list[Curve], budget: Budget, *
     baseline, where whole families of layers tie). The cheaper prefix at or under the target is taken, unless
     it misses the tolerance and the next one meets it. `errors` (default: `curves`) give the reported eps*.
     """
+    value, owner, prefix_cost = _breakpoints(candidates, curves, budget)
+    allowed = _allowed_prefixes(value, split_ties)
+    n = int(allowed[_choose_prefix(prefix_cost[allowed], budget)])
+    ranks = (1 + np.bincount(owner[:n], minlength=len(candidates))).tolist()
+    eps_star = _eps_star(candidates, curves, ranks, errors or curves)
+    return Allocation([c.k for c in curves], ranks, int(prefix_cost[n]), eps_star, budget)
+
+
+def _breakpoints(candidates: list[Candidate], curves: list[Curve],
+                 budget: Budget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The values err_l[j] from the largest down, the layer each raises a rank, and the cost after each prefix."""
     values, deltas, owners = [], [], []
     cost0 = budget.fixed
     for index, (cand, curve) in enumerate(zip(candidates, curves)):
@@ -412,32 +423,39 @@ def allocate(candidates: list[Candidate], curves: list[Curve], budget: Budget, *
         deltas.append(np.diff(cost))
         owners.append(np.full(r - 1, index, dtype=np.int64))
     value = np.concatenate(values) if values else np.zeros(0)
-    order = np.argsort(-value, kind="stable")
+    order = np.argsort(-value, kind="stable")  # stable: tied values keep the layers' order
     value, delta, owner = value[order], np.concatenate(deltas)[order], np.concatenate(owners)[order]
-    prefix_cost = cost0 + np.concatenate([[0], np.cumsum(delta)])
+    return value, owner, cost0 + np.concatenate([[0], np.cumsum(delta)])
+
+
+def _allowed_prefixes(value: np.ndarray, split_ties: bool) -> np.ndarray:
+    """The prefix lengths that may be taken: all with `split_ties`, else those that do not split tied values."""
     if split_ties:
-        allowed = np.arange(len(value) + 1)
-    else:
-        allowed = np.concatenate([[0], np.flatnonzero(value[1:] != value[:-1]) + 1, [len(value)]]) \
-            if len(value) else np.zeros(1, dtype=np.int64)
-        allowed = np.unique(allowed)
-    costs = prefix_cost[allowed]
+        return np.arange(len(value) + 1)
+    if not len(value):
+        return np.zeros(1, dtype=np.int64)
+    return np.unique(np.concatenate([[0], np.flatnonzero(value[1:] != value[:-1]) + 1, [len(value)]]))
+
+
+def _choose_prefix(costs: np.ndarray, budget: Budget) -> int:
+    """Index of the prefix cost taken: the last at or under the target, or the next if only it is within tolerance."""
     target = budget.target
     fits = int(np.searchsorted(costs, target, side="right")) - 1
     if fits < 0:
         smallest = costs[0] / budget.total
         raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable: rank 1 in every "
                          f"decomposable layer keeps {smallest:.6f}; raise the keep ratio or decompose more layers")
-    choice = fits
     if fits + 1 < len(costs) and costs[fits] < target * (1 - KEEP_TOLERANCE) \
             and costs[fits + 1] <= target * (1 + KEEP_TOLERANCE):
-        choice = fits + 1
-    n = int(allowed[choice])
-    ranks = (1 + np.bincount(owner[:n], minlength=len(candidates))).tolist()
-    reported = errors or curves
+        return fits + 1
+    return fits
+
+
+def _eps_star(candidates: list[Candidate], curves: list[Curve], ranks: list[int], reported: list[Curve]) -> float:
+    """The largest reported error over the layers that decompose at their ranks (0 when none does)."""
     eps = [float(reported[i].err[j]) for i, (cand, j) in enumerate(zip(candidates, ranks))
            if cand.decomposes(curves[i].k, j)]
-    return Allocation([c.k for c in curves], ranks, int(prefix_cost[n]), max(eps, default=0.0), budget)
+    return max(eps, default=0.0)
 
 
 def make_budget(model: nn.Module, candidates: list[Candidate], example: torch.Tensor, keep: float,
@@ -657,7 +675,7 @@ def audit(result: Result, cfg: SVDConfig | ALDSConfig, shipped: nn.Module, origi
     return outcome
 
 
-@register("alds", ALDSConfig, audit=audit)
+@register("alds", ALDSConfig, audit=audit, layer_kind="lowrank")
 def apply(model: nn.Module, cfg: ALDSConfig, ctx: Context) -> Result:
     """Decompose `model` in place: k per layer by the seeded search, then ranks at the common error level eps*."""
     candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx, cfg.groups)
@@ -670,7 +688,7 @@ def apply(model: nn.Module, cfg: ALDSConfig, ctx: Context) -> Result:
     return Result(model, layers=rows, summary=summary, transforms=transforms, sections={"keep": summary["keep"]})
 
 
-@register("svd", SVDConfig, audit=audit)
+@register("svd", SVDConfig, audit=audit, layer_kind="lowrank")
 def apply_svd(model: nn.Module, cfg: SVDConfig, ctx: Context) -> Result:
     """Truncated SVD (k = 1) with one relative rank in every layer, chosen to meet the budget."""
     candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx)
@@ -686,7 +704,7 @@ def apply_svd(model: nn.Module, cfg: SVDConfig, ctx: Context) -> Result:
     return Result(model, layers=rows, summary=summary, transforms=transforms, sections={"keep": summary["keep"]})
 
 
-@register("svd-energy", SVDEnergyConfig, audit=audit)
+@register("svd-energy", SVDEnergyConfig, audit=audit, layer_kind="lowrank")
 def apply_svd_energy(model: nn.Module, cfg: SVDEnergyConfig, ctx: Context) -> Result:
     """Truncated SVD (k = 1) keeping in every layer the smallest rank with a common fraction of Frobenius energy."""
     candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx)

@@ -87,21 +87,28 @@ class MethodSpec:
     audit: AuditFn | None = None
     plan: PlanFn | None = None
     report_sections: SectionsFn | None = None
+    layer_kind: str = ""  # how report/ labels its per-layer rows: "pruning", "lowrank" or "channels"
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, config_type: type[ConfigBase], *, audit: AuditFn | None = None,
-             plan: PlanFn | None = None, report_sections: SectionsFn | None = None) -> Callable[[ApplyFn], ApplyFn]:
+def register(name: str, config_type: type[ConfigBase], *, audit: AuditFn | None = None, plan: PlanFn | None = None,
+             report_sections: SectionsFn | None = None, layer_kind: str = "") -> Callable[[ApplyFn], ApplyFn]:
     """Decorator: make `apply(model, cfg, ctx) -> Result` available as `--method name`, with the method's audit
     (what "target met" means for it), its dry-run plan and its own report sections."""
 
     def wrap(fn: ApplyFn) -> ApplyFn:
-        METHODS[name] = MethodSpec(name, config_type, fn, audit, plan, report_sections)
+        METHODS[name] = MethodSpec(name, config_type, fn, audit, plan, report_sections, layer_kind)
         return fn
 
     return wrap
+
+
+def layer_kind_of(report: dict[str, Any]) -> str:
+    """How the per-layer rows of the method that wrote `report` are labelled ("" for other commands)."""
+    spec = METHODS.get(str(report.get("method")))
+    return spec.layer_kind if spec is not None else ""
 
 
 def sections_for(report: dict[str, Any]) -> list[ReportSection]:

@@ -104,6 +104,20 @@ def _flatten(out: Any) -> list[torch.Tensor]:
 def build_graph(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> Graph:
     """Trace `model` with Torch-Pruning and list its units; heads, ignored and unprunable groups are left alone."""
     tp = _tp()
+    dg, captured = _trace(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    user_ignored = {m for n, m in model.named_modules() if n and any(matches(n, p) for p in ignore)}
+    scan = _Scan(dg, names, _output_nodes(dg, captured), user_ignored, tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR,
+                 tp.ops.OPTYPE.OUTPUT)
+    graph = Graph(model, dg, [], [], [], [], dict(model.named_modules()))
+    for group in dg.get_all_groups(ignored_layers=[], root_module_types=(scan.conv, scan.linear)):
+        scan.add(graph, group)
+    return graph
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> tuple[Any, list[Any]]:
+    """Torch-Pruning's dependency graph of `model` in eval mode, and the outputs the trace produced."""
+    tp = _tp()
     captured: list[Any] = []
     was_training = model.training
     model.eval()
@@ -113,54 +127,89 @@ def build_graph(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...]
                 model, example, forward_fn=lambda m, x: m(x), verbose=False,
                 output_transform=lambda out: captured.append(out) or out)
         except Exception as exc:  # noqa: BLE001 - tracing raises anything the model's forward can raise
-            where = stack[-1] if stack else ""
-            module = model.get_submodule(where) if where else model
-            label = f"module {where!r} ({type(module).__name__})" if where else f"{type(model).__name__}"
-            first = (str(exc).splitlines() or [""])[0][:200]
-            raise UsageError(f"Torch-Pruning cannot trace {label}: {type(exc).__name__}: {first}; make its forward "
-                             "traceable with autograd (tensor outputs, no torch.no_grad or in-place edits of its "
-                             "input) or prune a model without it") from None
+            raise _untraceable(model, stack, exc) from None
     model.train(was_training)
+    return dg, captured
+
+
+def _untraceable(model: nn.Module, stack: list[str], exc: Exception) -> UsageError:
+    """The error for a model whose trace failed, naming the innermost module that was running."""
+    where = stack[-1] if stack else ""
+    module = model.get_submodule(where) if where else model
+    label = f"module {where!r} ({type(module).__name__})" if where else f"{type(model).__name__}"
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return UsageError(f"Torch-Pruning cannot trace {label}: {type(exc).__name__}: {first}; make its forward "
+                      "traceable with autograd (tensor outputs, no torch.no_grad or in-place edits of its "
+                      "input) or prune a model without it")
+
+
+def _output_nodes(dg: Any, captured: list[Any]) -> set[Any]:
+    """The graph nodes whose autograd functions produce a model output."""
     outputs = _flatten(captured[0]) if captured else []
     roots = {id(o.grad_fn) for o in outputs if o.grad_fn is not None}
-    names = {m: n for n, m in model.named_modules()}
-    root_nodes = {node for node in dg.module2node.values() if id(node.grad_fn) in roots}
-    conv, linear = tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR
-    user_ignored = {m for n, m in model.named_modules() if n and any(matches(n, p) for p in ignore)}
-    units, heads, ignored, skipped = [], [], [], []
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=(conv, linear)):
+    return {node for node in dg.module2node.values() if id(node.grad_fn) in roots}
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What sorting the dependency groups of one traced model into units, heads, ignored and skipped needs."""
+
+    dg: Any
+    names: dict[nn.Module, str]
+    output_nodes: set[Any]
+    user_ignored: set[nn.Module]
+    conv: type
+    linear: type
+    output_type: Any  # Torch-Pruning's node type of a model output
+
+    def add(self, graph: Graph, group: Any) -> None:
+        """File `group` under the graph's heads, ignored, skipped or units."""
         root = group[0].dep.target.module
-        out_members = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)
-                       and isinstance(dep.target.module, nn.Module) and dep.target.module in names]
-        reaches_output = any(dep.target in root_nodes and (dep.target.type == tp.ops.OPTYPE.OUTPUT or
-                                                           dg.is_out_channel_pruning_fn(dep.handler))
-                             for dep, _ in group)
-        layer_names = [names[m] for m in out_members if isinstance(m, (conv, linear))]
+        out_members = self.out_members(group)
+        reaches_output = self.reaches_output(group)
+        layer_names = [self.names[m] for m in out_members if isinstance(m, (self.conv, self.linear))]
         if reaches_output:
-            heads.extend(layer_names)
-            continue
-        if any(m in user_ignored for m in out_members):
-            ignored.extend(layer_names)
-            continue
-        pruner = dg.get_pruner_of_module(root)
-        channels = pruner.get_out_channels(root)
+            graph.heads.extend(layer_names)
+            return
+        if any(m in self.user_ignored for m in out_members):
+            graph.ignored.extend(layer_names)
+            return
+        channels = self.dg.get_pruner_of_module(root).get_out_channels(root)
+        chunks = self.chunks(group)
+        if channels is None or channels < 2:
+            graph.skipped.append({"name": self.names.get(root, "?"), "reason": "fewer than 2 output channels"})
+            return
+        if channels % chunks or channels // chunks < 2 and chunks > 1:
+            reason = f"channels {channels} do not split into {chunks} convolution groups that can lose a channel each"
+            graph.skipped.append({"name": self.names[root], "reason": reason})
+            return
+        graph.units.append(Unit(len(graph.units), self.names[root], type(root).__name__, channels,
+                                [self.names[m] for m in out_members], self.consumers(group), chunks))
+
+    def out_members(self, group: Any) -> list[nn.Module]:
+        """The named modules of `group` that lose output channels."""
+        return [dep.target.module for dep, _ in group if self.dg.is_out_channel_pruning_fn(dep.handler)
+                and isinstance(dep.target.module, nn.Module) and dep.target.module in self.names]
+
+    def reaches_output(self, group: Any) -> bool:
+        """Whether pruning `group` would change a model output's width (a head's group)."""
+        return any(dep.target in self.output_nodes and (dep.target.type == self.output_type or
+                                                        self.dg.is_out_channel_pruning_fn(dep.handler))
+                   for dep, _ in group)
+
+    def chunks(self, group: Any) -> int:
+        """The least common multiple of the group counts of the grouped (not depthwise) convolutions in `group`."""
         chunks = 1
         for dep, _ in group:
             m = dep.target.module
-            if isinstance(m, conv) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
+            if isinstance(m, self.conv) and m.groups > 1 and not (m.groups == m.in_channels == m.out_channels):
                 chunks = math.lcm(chunks, m.groups)
-        if channels is None or channels < 2:
-            skipped.append({"name": names.get(root, "?"), "reason": "fewer than 2 output channels"})
-            continue
-        if channels % chunks or channels // chunks < 2 and chunks > 1:
-            skipped.append({"name": names[root], "reason": f"channels {channels} do not split into {chunks} "
-                                                           "convolution groups that can lose a channel each"})
-            continue
-        consumers = [names[dep.target.module] for dep, _ in group if dg.is_in_channel_pruning_fn(dep.handler)
-                     and not dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names]
-        units.append(Unit(len(units), names[root], type(root).__name__, channels,
-                          [names[m] for m in out_members], consumers, chunks))
-    return Graph(model, dg, units, heads, ignored, skipped, dict(model.named_modules()))
+        return chunks
+
+    def consumers(self, group: Any) -> list[str]:
+        """The names of the modules of `group` that lose input channels only."""
+        return [self.names[dep.target.module] for dep, _ in group if self.dg.is_in_channel_pruning_fn(dep.handler)
+                and not self.dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in self.names]
 
 
 def _root_group(graph: Graph, unit: Unit, idxs: list[int]) -> Any:

@@ -48,7 +48,7 @@ def prunable_layers(model: nn.Module, cfg: GlobalMPConfig) -> list[PrunableLayer
             continue
         layers.append(PrunableLayer(name, type(module).__name__, module.weight))
     if not layers:
-        raise UsageError("no Conv/Linear weights match --include/--exclude; loosen the patterns")
+        raise UsageError("no Conv/Linear weights match `include`/`exclude`; loosen the patterns")
     return layers
 
 
@@ -67,7 +67,7 @@ def check_feasible(sizes: list[int], floors: list[int], sparsity: float) -> int:
         largest = math.floor((1.0 - sum(floors) / total) * 1e6) / 1e6  # rounded down, so it is reachable
         raise UsageError(f"sparsity {sparsity} is unreachable with these floors: they keep {sum(floors)} of "
                          f"{total} weights, so the largest reachable sparsity is {largest:.6f}; lower "
-                         "--sparsity or --min-threshold/--min-keep")
+                         "`sparsity` or `min_threshold`/`min_keep`")
     return to_prune
 
 
@@ -190,7 +190,7 @@ def audit(result: Result, cfg: GlobalMPConfig, shipped: nn.Module, original: nn.
     return outcome
 
 
-@register("globalmp", GlobalMPConfig, audit=audit)
+@register("globalmp", GlobalMPConfig, audit=audit, layer_kind="pruning")
 def apply(model: nn.Module, cfg: GlobalMPConfig, ctx: Context) -> Result:
     """Prune `model` in place by global magnitude with floors.
 

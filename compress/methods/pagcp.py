@@ -527,7 +527,7 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
     graph = build_graph(probe_model, example, cfg.ignore)
     if not graph.units:
         raise UsageError("no prunable channel groups: every convolution is a head, ignored or too narrow "
-                         f"(heads {graph.heads[:3]}, ignored {graph.ignored[:3]}); loosen --ignore")
+                         f"(heads {graph.heads[:3]}, ignored {graph.ignored[:3]}); loosen `ignore`")
     macs_entry = probe_contributions(graph, example, cfg.probe_ratio, ctx.progress)
     units, reference, cache = graph.units, oracle.losses(model), {}
     attempts: list[Attempt] = []
@@ -555,7 +555,7 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
 
 def _oracle(cfg: PAGCPConfig, ctx: Context) -> Oracle:
     if ctx.splits is None:
-        raise UsageError("PAGCP evaluates every task's loss on calibration data; give a data set (--data)")
+        raise UsageError("PAGCP evaluates every task's loss on calibration data; give a data set (`data`)")
     calibration = ctx.splits.calibration.subset(cfg.calibration_items)
     tasks = tuple(ctx.tasks) if ctx.tasks else (CLASSIFICATION,)
     make_bound(cfg, tasks)  # an unknown task in task_tau fails before any work
@@ -737,13 +737,13 @@ def _audit_target(outcome: AuditOutcome, cfg: PAGCPConfig, shipped: nn.Module, o
         tau = summary.get("tau_used", cfg.tau)
         outcome.problems.append(
             f"kept {keep:.4f} of the original MACs, target {cfg.macs_target} ± {cfg.macs_tolerance}: that is as far "
-            f"as the loss bound tau = {tau:g} allows in {len(summary.get('rounds', [])) or 1} round(s); raise --tau "
-            "(or allow --max-tau), or prune in rounds with fine-tuning between them (--rounds auto)")
+            f"as the loss bound tau = {tau:g} allows in {len(summary.get('rounds', [])) or 1} round(s); raise `tau` "
+            "(or allow `max_tau`), or prune in rounds with fine-tuning between them (`rounds` auto)")
     elif state == "overshoot":
         outcome.problems.append(
             f"kept {keep:.4f} of the original MACs, below the target {cfg.macs_target} - {cfg.macs_tolerance}: "
-            "more was removed than asked (no unit could be cut finely enough); raise --macs-tolerance or lower "
-            "--round-to")
+            "more was removed than asked (no unit could be cut finely enough); raise `macs_tolerance` or lower "
+            "`round_to`")
 
 
 def _audit_bound(outcome: AuditOutcome, cfg: PAGCPConfig, shipped: nn.Module, reference: nn.Module,
@@ -799,4 +799,5 @@ def report_sections(report: dict[str, Any]) -> list[ReportSection]:
     return sections
 
 
-register("pagcp", PAGCPConfig, audit=audit, plan=plan, report_sections=report_sections)(apply)
+register("pagcp", PAGCPConfig, audit=audit, plan=plan, report_sections=report_sections,
+         layer_kind="channels")(apply)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from compress.methods.base import layer_kind_of
+
 
 def num(value: Any, digits: int = 2) -> str:
     """Integers with thousands separators, floats with fixed digits, None as a dash."""
@@ -82,12 +84,8 @@ def _shape(shape: list) -> str:
 
 
 def layer_kind(report: dict[str, Any]) -> str:
-    """`pruning`, `lowrank`, `channels` or `` by the keys the per-layer rows carry."""
-    layers = report.get("layers") or []
-    for kind, key in (("pruning", "weights"), ("lowrank", "rank"), ("channels", "channels_before")):
-        if any(key in row for row in layers):
-            return kind
-    return ""
+    """`pruning`, `lowrank`, `channels` or ``: as the registry entry of the method that wrote the report says."""
+    return layer_kind_of(report)
 
 
 def _channel_row(row: dict[str, Any]) -> tuple[str, ...]:
