@@ -552,7 +552,7 @@ class Save(Stage):
     def run(self, state: State) -> State:
         result, loaded = state.result, state.loaded
         arch = loaded.arch
-        if result is not None and result.transforms:
+        if state.method_cfg is not None:  # a compressed model records its structural edits, even none
             arch = dict(arch, transforms=[*arch.get("transforms", []), *result.transforms])
         if state.method_cfg is not None:
             state.report["model"]["arch"] = arch
