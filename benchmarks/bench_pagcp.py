@@ -95,19 +95,25 @@ def _better(case: dict, other: dict, task: dict, stage: str) -> bool:
 
 
 def verdict_lines(result: dict) -> list[str]:
-    """Per task: does PAGCP (rounds, free widths) beat uniform L1 at the same MACs, after pruning and after the
-    fine-tune? Written from the numbers, whichever way they go."""
+    """Per task: does PAGCP beat uniform L1 at the same MACs, after pruning and after the fine-tune (one round
+    against uniform at one round's MACs, rounds against uniform at the rounds' MACs)? Written from the numbers,
+    whichever way they go."""
     cases = {c["method"]: c for c in result["cases"]}
-    pagcp, uniform = cases.get("PAGCP, rounds to the target"), cases.get(f"{UNIFORM} (at the rounds' MACs)")
-    if pagcp is None or uniform is None:
-        return []
-    lines = [f"PAGCP with rounds against {UNIFORM} at the same MACs ({pagcp['macs_keep']:.3f} vs "
-             f"{uniform['macs_keep']:.3f}):", ""]
-    for task in result["tasks"]:
-        words = [f"{'better' if _better(pagcp, uniform, task, stage) else 'not better'} {label}"
-                 for stage, label in (("after_prune", "right after pruning"), ("after_finetune", "after fine-tuning"))]
-        lines.append(f"- {task['name']} ({task['metric']}): " + ", ".join(words))
-    return lines + [""]
+    lines = []
+    for pagcp_name, label in (("PAGCP, one round", "one round's MACs"), ("PAGCP, rounds to the target",
+                                                                          "the rounds' MACs")):
+        pagcp, uniform = cases.get(pagcp_name), cases.get(f"{UNIFORM} (at {label})")
+        if pagcp is None or uniform is None:
+            continue
+        lines += [f"{pagcp_name} against {UNIFORM} at about the same MACs ({pagcp['macs_keep']:.3f} vs "
+                  f"{uniform['macs_keep']:.3f}):", ""]
+        for task in result["tasks"]:
+            words = [f"{'better' if _better(pagcp, uniform, task, stage) else 'NOT better'} {when}"
+                     for stage, when in (("after_prune", "right after pruning"),
+                                         ("after_finetune", "after fine-tuning"))]
+            lines.append(f"- {task['name']} ({task['metric']}): " + ", ".join(words))
+        lines.append("")
+    return lines
 
 
 def _worst_ratio(case: dict, original: dict) -> str:
@@ -197,6 +203,11 @@ def tp_makers(original: nn.Module, example: torch.Tensor, keep: float, label: st
             f"{GLOBAL} ({label})": tp(True, None), f"{GLOBAL}, round_to {ROUND_TO} ({label})": tp(True, ROUND_TO)}
 
 
+def rerender() -> None:
+    """reports/pagcp.md again from reports/pagcp.json (no measuring)."""
+    (REPORTS / "pagcp.md").write_text(render(json.loads((REPORTS / "pagcp.json").read_text())))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -208,7 +219,11 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=20)
     parser.add_argument("--model", default=MODEL, help="a model spec (default: the shipped mtnet baseline)")
     parser.add_argument("--data", default=None, help="default: the model's own data set")
+    parser.add_argument("--render-only", action="store_true", help="rewrite reports/pagcp.md from pagcp.json")
     args = parser.parse_args()
+    if args.render_only:
+        rerender()
+        return
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
     splits = load_data_for(loaded, args.data, 0)

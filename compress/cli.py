@@ -21,17 +21,52 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from typer.core import TyperCommand, TyperGroup
 
 from compress.errors import EXIT_CODES, CompressError, UsageError
 
+
+class _StandIn(TyperCommand):
+    """A command's placeholder in the app's group: its name and one-line help, no parameters (see _LazyGroup)."""
+
+
+class _LazyGroup(TyperGroup):
+    """The app's group, whose lazy commands get their parameters only when resolved (invoked or their --help shown).
+
+    Typer builds every command's Click parameters from its callback's signature each time the app runs
+    (typer.main.get_group), and prune's signature is generated from the method registry, whose import pulls in torch
+    (seconds): `compress --help`, `env`, `report --help`... would all pay for it. So prune is registered as a
+    _StandIn, enough for the listing, and its real command is built from its callback here."""
+
+    lazy: ClassVar[dict[str, Callable[..., Any]]] = {}  # command name -> its real callback
+
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> tuple[str | None, Any, list[str]]:
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if name in self.lazy and isinstance(cmd, _StandIn):
+            info = typer.models.CommandInfo(name=name, callback=self.lazy[name])
+            cmd = self.commands[name] = typer.main.get_command_from_info(
+                info, pretty_exceptions_short=app.pretty_exceptions_short, rich_markup_mode=self.rich_markup_mode)
+        return name, cmd, rest
+
+
+def _lazy_command(name: str, callback: Callable[..., Any]) -> None:
+    """Register `callback` as the command `name`, its parameters built only when it is resolved (see _LazyGroup)."""
+
+    def stand_in() -> None:
+        raise AssertionError(f"{name}'s stand-in runs only if _LazyGroup did not resolve it")
+
+    app.command(name=name, help=inspect.getdoc(callback), cls=_StandIn)(stand_in)
+    _LazyGroup.lazy[name] = callback
+
+
 EXIT_HELP = "Exit codes: " + " · ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
 app = typer.Typer(help=f"Make trained PyTorch models smaller and faster, and prove it. {EXIT_HELP}",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_LazyGroup)
 T = TypeVar("T")
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Built-in name, torchvision:NAME, "
@@ -338,9 +373,9 @@ def _prune_signature() -> inspect.Signature:
 
 
 class _LiveSignature:
-    """A command callback whose signature is computed each time it is read. Typer reads it whenever it builds the
-    app (typer.main.get_command, on every invocation), so `prune` offers the options of the methods registered
-    at that moment."""
+    """A command callback whose signature is computed each time it is read. Typer reads it when it builds the
+    command (for prune: when _LazyGroup resolves it), so `prune` offers the options of the methods registered at
+    that moment."""
 
     def __init__(self, fn: Callable[..., None], signature: Callable[[], inspect.Signature]) -> None:
         functools.update_wrapper(self, fn)
@@ -364,7 +399,7 @@ def prune(ctx: typer.Context, **values: Any) -> None:
     session.emit(report)
 
 
-app.command(name="prune")(_LiveSignature(prune, _prune_signature))
+_lazy_command("prune", _LiveSignature(prune, _prune_signature))
 
 
 def _prune(ctx: typer.Context, opts: SimpleNamespace, session: Session) -> dict[str, Any]:

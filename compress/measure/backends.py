@@ -82,6 +82,32 @@ def mobile_proxy_model(model: nn.Module, x: torch.Tensor, calibration: torch.Ten
     return export.convert_to_ort(int8, workdir / "ort")[0]
 
 
+def _pytorch_pair(candidate: nn.Module, baseline: nn.Module, x: torch.Tensor, backend: str,
+                  settings: LatencySettings) -> tuple[list[float], list[float]]:
+    """Interleaved PyTorch times on `backend`'s device (CPU or CUDA); the models are back on the CPU after."""
+    device = torch.device("cuda" if backend == PYTORCH_CUDA else "cpu")
+    times = pytorch_times(candidate, baseline, x, threads=settings.threads, runs=settings.runs,
+                          warmup=settings.warmup, device=device)
+    candidate.cpu()  # nn.Module.cpu moves the module in place
+    baseline.cpu()
+    return times
+
+
+def _onnx_files(candidate: nn.Module, baseline: nn.Module, x: torch.Tensor, workdir: Path) -> dict[str, Path]:
+    """Both models exported to ONNX (dynamic batch) at x, as workdir/candidate.onnx and workdir/baseline.onnx."""
+    return {role: export.export_onnx(model, x, workdir / f"{role}.onnx")
+            for role, model in (("candidate", candidate), ("baseline", baseline))}
+
+
+def _mobile_pair(candidate: nn.Module, baseline: nn.Module, x: torch.Tensor, calibration: torch.Tensor,
+                 settings: LatencySettings, workdir: Path) -> tuple[list[float], list[float]]:
+    """Interleaved mobile-proxy times (one thread) of both models' proxy builds at x's batch size."""
+    batch = x.shape[0]
+    paths = [mobile_proxy_model(model, x, calibration, workdir / f"{role}-mobile-b{batch}")
+             for role, model in (("candidate", candidate), ("baseline", baseline))]
+    return _ort_pair(*paths, x, settings, 1)
+
+
 def measure_backends(candidate: nn.Module, baseline: nn.Module, inputs: torch.Tensor, calibration: torch.Tensor,
                      settings: LatencySettings, workdir: Path) -> list[LatencyPair]:
     """Time `candidate` beside `baseline` on each backend and batch size in `settings`.
@@ -91,24 +117,17 @@ def measure_backends(candidate: nn.Module, baseline: nn.Module, inputs: torch.Te
     """
     candidate, baseline = candidate.cpu().eval(), baseline.cpu().eval()
     rows: list[LatencyPair] = []
-    onnx_paths: dict[str, Path] = {}
+    onnx_paths: dict[str, Path] = {}  # exported once, at the first batch timed on ONNX Runtime (dynamic batch)
     for backend in settings.backends:
         for batch in settings.batches:
             x = batch_of(inputs, batch)
             threads = 1 if backend == MOBILE_PROXY else settings.threads
             if backend in (PYTORCH_CPU, PYTORCH_CUDA):
-                device = torch.device("cuda" if backend == PYTORCH_CUDA else "cpu")
-                cand, base = pytorch_times(candidate, baseline, x, threads=settings.threads, runs=settings.runs,
-                                           warmup=settings.warmup, device=device)
-                candidate, baseline = candidate.cpu(), baseline.cpu()
+                cand, base = _pytorch_pair(candidate, baseline, x, backend, settings)
             elif backend == ONNXRUNTIME_CPU:
-                if not onnx_paths:
-                    for role, model in (("candidate", candidate), ("baseline", baseline)):
-                        onnx_paths[role] = export.export_onnx(model, x, workdir / f"{role}.onnx")
+                onnx_paths = onnx_paths or _onnx_files(candidate, baseline, x, workdir)
                 cand, base = _ort_pair(onnx_paths["candidate"], onnx_paths["baseline"], x, settings, threads)
             else:
-                paths = [mobile_proxy_model(model, x, calibration, workdir / f"{role}-mobile-b{batch}")
-                         for role, model in (("candidate", candidate), ("baseline", baseline))]
-                cand, base = _ort_pair(*paths, x, settings, threads)
+                cand, base = _mobile_pair(candidate, baseline, x, calibration, settings, workdir)
             rows.append(summarise_pair(backend, batch, threads, cand, base, proxy=backend == MOBILE_PROXY))
     return rows

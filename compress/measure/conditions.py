@@ -11,16 +11,19 @@ PACKAGES = ("compress", "torch", "torchvision", "torch-pruning", "onnx", "onnxru
             "typer", "rich")
 
 
-def _cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else platform's answer."""
+def _cpuinfo_model() -> str | None:
+    """The value of /proc/cpuinfo's first `model name` line; None without one or when the file cannot be read."""
     try:
         with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return None
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else platform's answer."""
+    name = _cpuinfo_model()
+    return name if name is not None else platform.processor() or platform.machine()
 
 
 def _version(package: str) -> str | None:
