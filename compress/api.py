@@ -1,5 +1,6 @@
-"""The public verbs for use from Python: prune, finetune, train, measure, export. Each is a fixed list of stages
-(compress.pipeline) built from its options; the CLI is a thin layer over these."""
+"""The public verbs for use from Python: prune, finetune, train, measure, export, verify. Each run-writing verb is a
+fixed list of stages (compress.pipeline) built from its options; verify reads a run and writes nothing. The CLI is a
+thin layer over these."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from compress.report import render_html, render_markdown
 from compress.report.schema import SCHEMA_VERSION  # noqa: F401 - re-exported as api.SCHEMA_VERSION
 from compress.report.schema import dry_run_report
 from compress.ship import ExportSettings
+from compress.verify import TOLERANCES, verify_run  # noqa: F401 - TOLERANCES is part of the API
 
 
 def prune_stages(method_cfg: ConfigBase, options: RunOptions,
@@ -101,6 +103,13 @@ def export_model(source: ModelSource, options: RunOptions, settings: ExportSetti
     """
     stages = (Load(), Describe(), Export(settings))
     return run_pipeline(Pipeline("export", dataclasses.asdict(settings), stages), source, options)
+
+
+def verify(run_dir: Path, *, command: str = "compress verify") -> dict[str, Any]:
+    """Check a run: its files against manifest.json (UnsafeCheckpointError, exit 5, naming a file that differs),
+    the model rebuilt weights-only, and its test metrics against report.json within `TOLERANCES` (BudgetError,
+    exit 3, naming the metric, the recorded and the measured value). Returns the verify report; writes nothing."""
+    return verify_run(Path(run_dir), command=command)
 
 
 def render_reports(run_dir: Path) -> dict[str, Any]:

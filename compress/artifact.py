@@ -1,5 +1,9 @@
 """The run directory: weights in safetensors with a lossless sparse encoding, arch.json, manifest.json.
 
+manifest.json's `outputs` maps each file it covers (model.safetensors and arch.json) to its sha256;
+`verify_files` checks them. Files written after the manifest (report.*, recipe.resolved.yaml, exports) are not
+covered, and the manifest cannot cover itself.
+
 A pruned tensor is stored as a bitmask of its nonzeros (packed, 1 bit per weight) plus the nonzero values in
 row-major order, whenever that is smaller than the dense tensor. Decoding gives back every value exactly
 (bit for bit, except that a -0.0 comes back as +0.0; compress's own pruning writes +0.0).
@@ -20,7 +24,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from compress.errors import UsageError
+from compress.errors import UnsafeCheckpointError, UsageError
 
 FORMAT = "compress-sparse-v1"
 WEIGHTS_FILE, ARCH_FILE, MANIFEST_FILE = "model.safetensors", "arch.json", "manifest.json"
@@ -92,6 +96,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def sha256_bytes(data: bytes) -> str:
+    """`sha256:<hex>` of some bytes."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -160,12 +165,12 @@ class RunDir:
 
 def save_model_files(run: RunDir, model: nn.Module, arch: dict[str, Any], manifest: dict[str, Any],
                      masks: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Write model.safetensors, arch.json and manifest.json; the manifest gains the weights' digest."""
-    weights = sparse_bytes(model)
+    """Write model.safetensors, arch.json and manifest.json; the manifest's `outputs` holds both files' digests."""
+    weights, arch_text = sparse_bytes(model), to_json(arch)
     run.write(WEIGHTS_FILE, weights)
-    run.write(ARCH_FILE, to_json(arch))
+    run.write(ARCH_FILE, arch_text)
     manifest = dict(manifest, format=FORMAT, masked_params=sorted(masks or {}),
-                    outputs={WEIGHTS_FILE: sha256_bytes(weights)})
+                    outputs={WEIGHTS_FILE: sha256_bytes(weights), ARCH_FILE: sha256_bytes(arch_text.encode())})
     run.write(MANIFEST_FILE, to_json(manifest))
     return manifest
 
@@ -175,3 +180,36 @@ def masks_from_manifest(model: nn.Module, manifest: dict[str, Any]) -> dict[str,
     params = dict(model.named_parameters())
     return {name: (params[name].detach() != 0).to(params[name].dtype) for name in manifest.get("masked_params", [])
             if name in params}
+
+
+RESTORE_OR_SKIP = "restore the run or pass --no-verify to load it unchecked"  # the fix a loading command offers
+
+
+def manifest_outputs(directory: Path, fix: str = RESTORE_OR_SKIP) -> dict[str, str]:
+    """The files manifest.json covers and their digests; exit 5 when it is missing, unreadable or lists none."""
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        raise UnsafeCheckpointError(f"{directory} has no {MANIFEST_FILE}, so its files cannot be checked; {fix}")
+    try:
+        outputs = json.loads(path.read_text()).get("outputs")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        outputs = None
+    if not isinstance(outputs, dict) or not outputs or not all(isinstance(v, str) for v in outputs.values()):
+        raise UnsafeCheckpointError(f"{path} is unreadable or lists no file digests (outputs), so the run cannot "
+                                    f"be checked; {fix}")
+    return outputs
+
+
+def verify_files(directory: Path, fix: str = RESTORE_OR_SKIP) -> dict[str, str]:
+    """Check every file manifest.json covers against its sha256; exit 5 naming the first that differs (the message
+    ends with `fix`); returns the files and digests checked."""
+    directory = Path(directory)
+    outputs = manifest_outputs(directory, fix)
+    for name, digest in outputs.items():
+        path = directory / name
+        if not path.resolve().is_relative_to(directory.resolve()) or not path.is_file():
+            raise UnsafeCheckpointError(f"{path} is listed in {MANIFEST_FILE} but is not a file of the run; {fix}")
+        if sha256_file(path) != digest:
+            raise UnsafeCheckpointError(f"{path} does not match its sha256 in {MANIFEST_FILE} (changed since the "
+                                        f"run was written); {fix}")
+    return outputs

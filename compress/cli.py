@@ -84,6 +84,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print only the JSON repor
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No summary tables.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch intra-op threads for the run.")]
+VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check a run directory's files against the "
+                      "sha256 in its manifest.json before loading it (exit 5 when one differs); --no-verify loads it "
+                      "unchecked.")]
 
 
 class Session:
@@ -205,7 +208,7 @@ DEFAULT_METHOD = "globalmp"
 
 def _prune_options(
     model: ModelOpt = None, weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
-    data: DataOpt = None, seed: SeedOpt = 0,
+    verify: VerifyOpt = True, data: DataOpt = None, seed: SeedOpt = 0,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (see recipes/); options given here override "
                                                 "it.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="PAGCP: list the units (channels, coupled members) and "
@@ -413,7 +416,7 @@ def _prune(ctx: typer.Context, opts: SimpleNamespace, session: Session) -> dict[
     pick = {key: getattr(opts, key) if _explicit(ctx, key) else recipe.get(key, getattr(opts, key))
             for key in ("model", "data", "seed")}
     source = api.ModelSource(spec=pick["model"], weights=str(opts.weights) if opts.weights else None,
-                             num_classes=opts.num_classes, trust_pickle=opts.trust_pickle)
+                             num_classes=opts.num_classes, trust_pickle=opts.trust_pickle, verify=opts.verify)
     out = _default_out("prune", opts.out)
     if opts.dry_run:
         return api.plan(source, cfg, api.RunOptions(out=out, data=pick["data"], seed=pick["seed"]))
@@ -549,7 +552,8 @@ def finetune(
     optimizer: Annotated[str, typer.Option(help="sgd or adamw.")] = "sgd",
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.03,
     teacher: Annotated[str | None, typer.Option(help="Model spec to distil from (e.g. the original).")] = None,
-    weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
+    weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = True, data: DataOpt = None,
     seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     debug: DebugOpt = False, threads: ThreadsOpt = None,
 ) -> None:
@@ -563,8 +567,8 @@ def finetune(
         _set_threads(threads)
         cfg = FinetuneConfig(epochs=epochs, optimizer=optimizer, lr=lr, distill=teacher is not None)
         source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
-                                 trust_pickle=trust_pickle)
-        teacher_source = api.ModelSource(spec=teacher, trust_pickle=trust_pickle) if teacher else None
+                                 trust_pickle=trust_pickle, verify=verify)
+        teacher_source = api.ModelSource(spec=teacher, trust_pickle=trust_pickle, verify=verify) if teacher else None
         options = api.RunOptions(out=_default_out("finetune", out), data=data, seed=seed, force=force, latency=False)
         with session.progress() as progress:
             return api.finetune(source, cfg, options, teacher_source, progress)
@@ -620,7 +624,8 @@ def measure(
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
     input_shape: Annotated[str | None, typer.Option(help="C,H,W to measure at (e.g. 3,224,224); data are resized. "
                                                     "Default: the data set's.")] = None,
-    weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
+    weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = True, data: DataOpt = None,
     seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     debug: DebugOpt = False, threads: Annotated[int, typer.Option("--threads", help="Threads for PyTorch and ONNX "
                                                                  "Runtime (the mobile proxy always uses 1).")] = 1,
@@ -636,8 +641,8 @@ def measure(
                                        batches=tuple(batch or (1, 32)), threads=threads, runs=runs, warmup=warmup,
                                        input_shape=_shape(input_shape))
         source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
-                                 trust_pickle=trust_pickle)
-        reference = api.ModelSource(spec=baseline, trust_pickle=trust_pickle) if baseline else None
+                                 trust_pickle=trust_pickle, verify=verify)
+        reference = api.ModelSource(spec=baseline, trust_pickle=trust_pickle, verify=verify) if baseline else None
         options = api.RunOptions(out=_default_out("measure", out), data=data, seed=seed, force=force)
         return api.measure(source, reference, options, settings)
 
@@ -666,7 +671,8 @@ def export(
     format: Annotated[str, typer.Option("--format", help="onnx, or ort (ORT format for mobile, with the "
                                         "required-operators file).")] = "onnx",
     int8: Int8Opt = False, static_shapes: StaticOpt = False,
-    weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False, data: DataOpt = None,
+    weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
+    verify: VerifyOpt = True, data: DataOpt = None,
     seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     debug: DebugOpt = False, threads: ThreadsOpt = None,
 ) -> None:
@@ -680,9 +686,36 @@ def export(
         _set_threads(threads)
         settings = _export_settings(format, int8, static_shapes)
         source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
-                                 trust_pickle=trust_pickle)
+                                 trust_pickle=trust_pickle, verify=verify)
         options = api.RunOptions(out=_default_out("export", out), data=data, seed=seed, force=force)
         return api.export_model(source, options, settings)
+
+    session.emit(session.run(go))
+
+
+@app.command("verify")
+def verify_command(
+    run: Annotated[Path, typer.Argument(help="A compress output directory (of a prune, finetune or train run).")],
+    as_json: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False, threads: ThreadsOpt = None,
+) -> None:
+    """Check a run: its files against manifest.json, the model rebuilt weights-only, its test metrics against
+    report.json.
+
+    Files: every file manifest.json lists (model.safetensors, arch.json) must match its sha256, else exit 5 naming
+    the file; report.*, recipe.resolved.yaml and exports are written after the manifest and are not hashed.
+    Metrics: the model is re-evaluated on the test split of the run's data set and seed; each task must match
+    report.json's figure for the saved model (after fine-tuning, else after compression, else before) within 0.01
+    points of accuracy or 1e-4 of IoU or pixel error, else exit 3 naming the metric, the recorded and the measured
+    value. Exit 0 when everything matches. Writes nothing."""
+    session = Session(as_json=as_json, quiet=quiet, debug=debug)
+
+    def go() -> dict[str, Any]:
+        import shlex
+
+        from compress import api
+
+        _set_threads(threads)
+        return api.verify(run, command=shlex.join(["compress", *sys.argv[1:]]))
 
     session.emit(session.run(go))
 

@@ -30,7 +30,7 @@ class UsageError(CompressError):
 
 
 class BudgetError(CompressError):
-    """A budget or regression gate was exceeded (exit 3)."""
+    """A budget or regression gate was exceeded, or a run's recorded metrics did not reproduce (exit 3)."""
 
     exit_code = 3
 
@@ -42,7 +42,8 @@ class ExportError(CompressError):
 
 
 class UnsafeCheckpointError(CompressError):
-    """A checkpoint needs unpickling arbitrary code and --trust-pickle was not given (exit 5)."""
+    """Unsafe input refused (exit 5): a checkpoint needs unpickling code and --trust-pickle was not given, or a run
+    directory's files do not match the sha256 its manifest.json records."""
 
     exit_code = 5
 

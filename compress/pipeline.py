@@ -60,10 +60,11 @@ class ModelSource:
     weights: str | None = None
     num_classes: int | None = None
     trust_pickle: bool = False
+    verify: bool = True  # a run directory's files must match its manifest.json (--no-verify: False)
 
     def load(self) -> LoadedModel:
         return load_model(self.spec, weights=self.weights, num_classes=self.num_classes,
-                          trust_pickle=self.trust_pickle)
+                          trust_pickle=self.trust_pickle, verify=self.verify)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -490,7 +491,7 @@ class MeasureAgainst(Stage):
 
     def run(self, state: State) -> State:
         candidate = state.model.cpu().eval()
-        baseline = self.baseline or origin_of(state.loaded)
+        baseline = self.baseline or origin_of(state.loaded, verify=state.source.verify)
         reference = baseline.load().model.cpu().eval() if baseline is not None else None
         inputs, calibration = measurement_data(state.splits, self.settings.input_shape)
         report = state.report
@@ -508,8 +509,9 @@ class MeasureAgainst(Stage):
         return state
 
 
-def origin_of(loaded: LoadedModel) -> ModelSource | None:
-    """The model a compress run directory was made from, as its manifest records it (None for anything else)."""
+def origin_of(loaded: LoadedModel, *, verify: bool = True) -> ModelSource | None:
+    """The model a compress run directory was made from, as its manifest records it (None for anything else);
+    `verify` applies when that model is itself a run directory."""
     manifest = loaded.manifest or {}
     source = manifest.get("source")
     if not Path(loaded.source).is_dir() or not source or source == loaded.source:
@@ -517,7 +519,7 @@ def origin_of(loaded: LoadedModel) -> ModelSource | None:
     weights = next((p for p in manifest.get("inputs", {}) if p != source and Path(p).is_file()), None)
     # a built-in name loads its shipped weights only when no class count is given
     classes = manifest.get("num_classes") if ":" in source else None
-    return ModelSource(spec=source, weights=weights, num_classes=classes)
+    return ModelSource(spec=source, weights=weights, num_classes=classes, verify=verify)
 
 
 def _manifest(state: State) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from compress.artifact import ARCH_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_weights
+from compress.artifact import ARCH_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_weights, verify_files
 from compress.errors import UnsafeCheckpointError, UsageError
 from compress.models.builtin import BUILTIN_ARCHS, BUILTIN_DATASETS
 from compress.models.transforms import ARCH_TRANSFORMS, register_transform  # noqa: F401 - re-exported
@@ -158,17 +158,18 @@ def _load_weights(model: nn.Module, weights: str | Path | None, trust_pickle: bo
 
 
 def load_model(spec: str | None = None, *, weights: str | Path | None = None, num_classes: int | None = None,
-               trust_pickle: bool = False) -> LoadedModel:
+               trust_pickle: bool = False, verify: bool = True) -> LoadedModel:
     """Resolve a model spec.
 
     Accepted forms: a built-in name (default: the shipped Fashion-MNIST baseline); `torchvision:NAME`
     (with `weights` and `num_classes`); a factory `package.module:function` (with `weights`); a `compress`
-    output directory; a `.pt` file holding a pickled module (only with `trust_pickle`).
+    output directory (its files checked against manifest.json unless `verify` is False); a `.pt` file holding a
+    pickled module (only with `trust_pickle`).
     """
     spec = spec or DEFAULT_MODEL
     path = Path(spec)
     if path.is_dir():
-        return load_artifact(path, trust_pickle=trust_pickle)
+        return load_artifact(path, trust_pickle=trust_pickle, verify=verify)
     if path.is_file():
         return _load_pickled_module(path, trust_pickle)
     if spec in BUILTIN_ARCHS:
@@ -215,13 +216,23 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> LoadedModel:
     return LoadedModel(obj.eval(), {"kind": "pickle", "path": str(path.resolve())}, str(path))
 
 
-def load_artifact(directory: Path, *, trust_pickle: bool = False) -> LoadedModel:
-    """Rebuild a model from a run directory with weights-only loading."""
-    directory = Path(directory)
+def require_run_files(directory: Path) -> None:
+    """Exit 2 unless `directory` holds a run's model files (model.safetensors and arch.json)."""
     for name in (WEIGHTS_FILE, ARCH_FILE):
         if not (directory / name).exists():
             raise UsageError(f"{directory} is not a compress output directory (no {name}); give the --out "
                              "directory of a compress run")
+
+
+def load_artifact(directory: Path, *, trust_pickle: bool = False, verify: bool = True) -> LoadedModel:
+    """Rebuild a model from a run directory with weights-only loading.
+
+    With `verify` (the default) every file manifest.json covers must match its sha256 first, or the run is refused
+    (UnsafeCheckpointError, exit 5, naming the file); every command that loads a run comes through here."""
+    directory = Path(directory)
+    require_run_files(directory)
+    if verify:
+        verify_files(directory)
     arch = json.loads((directory / ARCH_FILE).read_text())
     manifest_path = directory / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}

@@ -158,3 +158,15 @@ def mobile_lines(report: dict[str, Any]) -> list[str]:
                          + (f" ({fixed} with static shapes)" if fixed and fixed != info.get("recommendation") else ""))
     return lines
 
+
+
+def verify_file_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(file, sha256, status) rows of a verify report: the files manifest.json covers."""
+    return [(f["name"], f["sha256"].removeprefix("sha256:")[:16], "match" if f["ok"] else "DIFFERS")
+            for f in report.get("files", [])]
+
+
+def verify_metric_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
+    """(task, metric, figure, recorded, measured, tolerance, status) rows of a verify report."""
+    return [(m["task"], m["metric"], m["stage"], num(m["recorded"], 4), num(m["measured"], 4), f"{m['tolerance']:g}",
+             "ok" if m["ok"] else "DIFFERS") for m in report.get("metrics", [])]

@@ -7,7 +7,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from compress.report.format import budget_line, export_rows, latency_rows, layer_table, model_rows, task_rows
+from compress.report.format import (
+    budget_line,
+    export_rows,
+    latency_rows,
+    layer_table,
+    model_rows,
+    task_rows,
+    verify_file_rows,
+    verify_metric_rows,
+)
 
 MAX_LAYER_ROWS = 40
 
@@ -22,7 +31,10 @@ def _table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> 
 
 
 def print_summary(report: dict[str, Any], console: Console, *, layers: bool = True) -> None:
-    """Outcome, accuracy, size, latency and (up to MAX_LAYER_ROWS) per-layer rows."""
+    """Outcome, accuracy, size, latency and (up to MAX_LAYER_ROWS) per-layer rows; a verify report's own tables."""
+    if report.get("method") == "verify":
+        print_verify(report, console)
+        return
     columns, rows = layer_table(report)
     if layers and rows:
         shown = rows if len(rows) <= MAX_LAYER_ROWS else rows[:MAX_LAYER_ROWS]
@@ -44,3 +56,17 @@ def print_summary(report: dict[str, Any], console: Console, *, layers: bool = Tr
     for problem in report.get("audit", {}).get("problems", []):
         console.print(f"[bold red]audit:[/] {problem}")
     console.print(f"status: [bold]{report.get('status')}[/]  output: {report.get('out')}")
+
+
+def print_verify(report: dict[str, Any], console: Console) -> None:
+    """`compress verify`: the files checked against manifest.json, then each metric recorded and measured."""
+    console.print(_table("Files (sha256 in manifest.json)", ("file", "sha256", "status"), verify_file_rows(report)))
+    console.print(f"not covered by the manifest: {', '.join(report.get('unhashed', [])) or '-'}")
+    data = report.get("data", {})
+    title = f"Test metrics on {data.get('name')} (seed {data.get('seed')}) against report.json"
+    rows = verify_metric_rows(report)
+    if rows:
+        console.print(_table(title, ("task", "metric", "figure", "recorded", "measured", "tolerance", "status"), rows))
+    else:
+        console.print("report.json records no test metrics to reproduce")
+    console.print(f"status: [bold]{report.get('status')}[/]  run: {report.get('run')}")
