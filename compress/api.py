@@ -1,6 +1,6 @@
-"""The public verbs for use from Python: prune, finetune, train, measure, export, verify. Each run-writing verb is a
-fixed list of stages (compress.pipeline) built from its options; verify reads a run and writes nothing. The CLI is a
-thin layer over these."""
+"""The public verbs for use from Python: prune, finetune, train, measure, export, verify, check. Each run-writing
+verb is a fixed list of stages (compress.pipeline) built from its options; verify and check read runs and write
+nothing. The CLI is a thin layer over these."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from compress import artifact
+from compress import check as checks
 from compress.config import ConfigBase, FinetuneConfig
 from compress.errors import UsageError
 from compress.measure.backends import LatencySettings
@@ -40,8 +41,10 @@ from compress.pipeline import (  # noqa: F401 - the run options and helpers are 
     seed_everything,
 )
 from compress.report import render_html, render_markdown
-from compress.report.schema import SCHEMA_VERSION  # noqa: F401 - re-exported as api.SCHEMA_VERSION
-from compress.report.schema import dry_run_report
+from compress.report.schema import (
+    SCHEMA_VERSION,  # noqa: F401 - re-exported as api.SCHEMA_VERSION
+    dry_run_report,
+)
 from compress.ship import ExportSettings
 from compress.verify import TOLERANCES, verify_run  # noqa: F401 - TOLERANCES is part of the API
 
@@ -151,3 +154,11 @@ def plan(source: ModelSource, method_cfg: ConfigBase, options: RunOptions) -> di
 def method_names() -> list[str]:
     """Registered method names (the CLI's --method choices)."""
     return sorted(METHODS)
+
+
+def check(current: str | Path, budgets: str | Path, baseline: str | Path | None = None, *,
+          warn_as_error: bool = False) -> dict[str, Any]:
+    """Check a run (directory or report.json) against a budgets file; the check result (exit_code 3 when over)."""
+    return checks.check_runs(checks.load_report(current), checks.load_report(baseline) if baseline else None,
+                             Path(budgets), sources=(str(current), None if baseline is None else str(baseline)),
+                             warn_as_error=warn_as_error, command="api.check")

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from typer.core import TyperCommand, TyperGroup
 
-from compress.errors import EXIT_CODES, CompressError, UsageError
+from compress.errors import EXIT_CODES, BudgetError, CompressError, UsageError
 
 
 class _StandIn(TyperCommand):
@@ -157,6 +157,10 @@ class Session:
             return
         if self.as_json:
             sys.stdout.write(json.dumps(report, default=str) + "\n")
+        elif not self.quiet and report.get("method") == "check":
+            from compress.report.budgets import print_check
+
+            print_check(report, self.out)
         elif not self.quiet:
             from compress.report import print_summary
 
@@ -718,6 +722,88 @@ def verify_command(
         return api.verify(run, command=shlex.join(["compress", *sys.argv[1:]]))
 
     session.emit(session.run(go))
+
+
+@app.command()
+def check(
+    current: Annotated[str, typer.Argument(help="The run to check: a compress output directory or its report.json.")],
+    baseline: Annotated[str | None, typer.Option(help="The run to compare with (a directory or report.json). "
+                                                 "Default: the run's origin (model.before) when its report "
+                                                 "records one, else absolute limits only.")] = None,
+    budgets: Annotated[Path | None, typer.Option(help="YAML budgets file (see the README, 'Gate a model in "
+                                                 "CI').")] = None,
+    write_budgets: Annotated[Path | None, typer.Option("--write-budgets", help="Write a starting budgets file "
+                                                       "from CURRENT's own figures, then exit.")] = None,
+    warn_as_error: Annotated[bool, typer.Option("--warn-as-error", help="Exit 3 on warnings too.")] = False,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write a pull-request comment "
+                                                  "(Markdown, first line <!-- compress-check -->).")] = None,
+    benchmark_json: Annotated[Path | None, typer.Option("--benchmark-json", help="Also write "
+                                                        "github-action-benchmark's customSmallerIsBetter "
+                                                        "JSON.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --write-budgets file.")] = False,
+    as_json: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Check a run against budgets on size, MACs, accuracy and speed: exit 0 when all hold or only warn, 3 on any
+    error, 2 on a wrong budgets file (naming file, line and key). Reads report.json only; writes nothing but the
+    files asked for."""
+    session = Session(as_json=as_json, quiet=quiet, debug=debug)
+    result = session.run(lambda: _check(session, current, baseline, budgets, write_budgets, warn_as_error,
+                                        (markdown, benchmark_json), force))
+    if result is not None:
+        session.emit(result)
+
+
+def _check(session: Session, current: str, baseline: str | None, budgets: Path | None, write_budgets: Path | None,
+           warn_as_error: bool, outputs: tuple[Path | None, Path | None], force: bool) -> dict[str, Any] | None:
+    """`compress check`'s work: write a starting budgets file, or check the runs (BudgetError, exit 3, on failure)."""
+    from compress import check as checks
+
+    if write_budgets is not None:
+        _write_budgets(checks, current, write_budgets, budgets is not None or baseline is not None, force)
+        session.err.print(f"wrote {write_budgets}; check with: compress check {current} --budgets {write_budgets}",
+                          highlight=False, soft_wrap=True)
+        return None
+    if budgets is None:
+        raise UsageError("--budgets FILE is required; write a starting one with --write-budgets FILE")
+    result = checks.check_runs(checks.load_report(current), checks.load_report(baseline) if baseline else None,
+                               budgets, sources=(current, baseline), warn_as_error=warn_as_error,
+                               command=_command_line())
+    _write_check_files(checks, result, *outputs)
+    if result["exit_code"]:
+        raise BudgetError(checks.failure_message(result), report=result)
+    return result
+
+
+def _command_line() -> str:
+    import shlex
+
+    return shlex.join(["compress", *sys.argv[1:]])
+
+
+def _write_budgets(checks: Any, current: str, path: Path, other_options: bool, force: bool) -> None:
+    """--write-budgets: a starting file from the run's own figures (refused over an existing file unless --force)."""
+    if other_options:
+        raise UsageError("--write-budgets takes only the run; drop --budgets and --baseline")
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists; choose another name or add --force to replace it")
+    _write_text(path, checks.starting_budgets(checks.load_report(current), current))
+
+
+def _write_check_files(checks: Any, result: dict[str, Any], markdown: Path | None, bench: Path | None) -> None:
+    """--markdown and --benchmark-json, each written to a temporary name and renamed."""
+    if markdown is not None:
+        from compress.report.budgets import render_check_markdown
+
+        _write_text(markdown, render_check_markdown(result, checks.MARKER))
+    if bench is not None:
+        _write_text(bench, json.dumps(checks.benchmark_entries(result), indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (a temporary name in the same folder, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 @app.command()

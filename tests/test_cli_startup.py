@@ -40,11 +40,11 @@ def test_top_level_help_lists_prune_without_importing_torch():
     assert out.rstrip().endswith("TORCH_NOT_IMPORTED")
     text = re.sub(r"[\s│]+", " ", out)  # rich wraps the help in a box at 80 columns
     assert "prune Compress a model, optionally fine-tune it" in text
-    for command in ("finetune", "train", "measure", "export", "report", "env"):
+    for command in ("finetune", "train", "measure", "export", "check", "report", "env"):
         assert f" {command} " in text
 
 
-@pytest.mark.parametrize("command", ["report", "measure", "export"])
+@pytest.mark.parametrize("command", ["report", "measure", "export", "check"])
 def test_other_commands_help_does_not_import_torch(command):
     out = probe(command, "--help")
     assert out.rstrip().endswith("TORCH_NOT_IMPORTED")

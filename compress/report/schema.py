@@ -2,7 +2,7 @@
 
 `report.schema.json` (shipped beside this module) is the layout as JSON Schema (draft 2020-12): the stable keys of
 DESIGN.md §4 and the variants each command writes (prune with any method, finetune, train, measure, export, the
-`--dry-run` listing, the `verify` report, the `--json` error object). Keys may be added freely; bump `SCHEMA_VERSION` (and the schema's
+`--dry-run` listing, the `verify` report, the `check` result, the `--json` error object). Keys may be added freely; bump `SCHEMA_VERSION` (and the schema's
 `schema_version` const) when a key changes meaning. Nothing here validates at run time: the tests check every
 command's real report against `report_schema()` with the `jsonschema` package (a dev dependency).
 """
