@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 THREADS ?= 2
 
 .PHONY: help install data browser demo test test-fast baseline bench bench-globalmp bench-alds bench-latency \
-	bench-pagcp baseline-mtnet screenshot clean
+	bench-pagcp baseline-mtnet screenshot gate-baselines clean
 
 help:
 	@echo "make demo            set up, then prune the built-in model to 90% sparsity with one epoch of fine-tuning"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench-latency   MACs ratio against measured speed-up on every backend -> reports/latency.md"
 	@echo "make bench-pagcp     PAGCP against Torch-Pruning's channel pruning on the multitask model"
 	@echo "make screenshot      a real run's report.html in headless chromium -> reports/report-html.png"
+	@echo "make gate-baselines  rewrite tests/gate/*.report.json, the baselines the project's own gate checks"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +87,14 @@ screenshot: install data browser
 
 bench-pagcp: install data
 	$(BIN)/python benchmarks/bench_pagcp.py --threads $(THREADS)
+
+# The baselines of the project's own gate (tests/test_self_gate.py): the shipped recipes, no fine-tuning, one
+# thread as in the tests. Regenerate only when a change is meant to move them, and say so in the commit.
+gate-baselines: install data
+	for r in globalmp alds pagcp; do \
+		$(BIN)/compress prune --recipe recipes/$$r.yaml --finetune-epochs 0 --no-latency --quiet --threads 1 \
+			--out runs/gate-$$r --force && cp runs/gate-$$r/report.json tests/gate/$$r.report.json || exit 1; \
+	done
 
 bench: bench-globalmp bench-alds bench-latency bench-pagcp
 
