@@ -314,6 +314,19 @@ def run_key(source: ModelSource, method_cfg: ConfigBase | None, finetune_cfg: Fi
     return artifact.sha256_bytes(artifact.to_json(settings).encode())
 
 
+def _train_in_run(state: State, cfg: FinetuneConfig, method_cfg: ConfigBase | None, **extra: Any) -> Any:
+    """compress.finetune.train on the run's model and data, checkpointing into the partial run (a rerun of the
+    same settings resumes); returns its log."""
+    return train(state.model, state.splits, cfg, seed=state.options.seed, checkpoint=state.run.path(CHECKPOINT_FILE),
+                 run_key=run_key(state.source, method_cfg, cfg, state.options, state.splits),
+                 progress=state.progress, **extra)
+
+
+def _training_section(cfg: FinetuneConfig, log: Any) -> dict[str, Any]:
+    """The report's `finetune` section: the recipe, the epochs run and the mean loss of each."""
+    return {"config": cfg.to_dict(), "epochs": log.epochs, "epoch_losses": [round(v, 5) for v in log.epoch_losses]}
+
+
 @dataclass(frozen=True)
 class Finetune(Stage):
     """Fine-tune with the masks kept, checkpointing into the partial run so a rerun resumes.
@@ -333,13 +346,11 @@ class Finetune(Stage):
             state.result = Result(model, artifact.masks_from_manifest(model, state.loaded.manifest))
         result = state.result
         teacher = self.teacher.load().model if self.teacher is not None else state.original
-        key = run_key(state.source, state.method_cfg, self.cfg, state.options, splits)
-        log = train(model, splits, self.cfg, masks=result.masks, teacher=teacher if self.cfg.distill else None,
-                    step_hook=result.step_hook, seed=state.options.seed, checkpoint=state.run.path(CHECKPOINT_FILE),
-                    run_key=key, progress=state.progress)
-        state.report["finetune"] = {"config": self.cfg.to_dict(), "epochs": log.epochs,
-                                    "resumed_from_epoch": log.resumed_from_epoch,
-                                    "epoch_losses": [round(v, 5) for v in log.epoch_losses]}
+        log = _train_in_run(state, self.cfg, state.method_cfg, masks=result.masks, step_hook=result.step_hook,
+                            teacher=teacher if self.cfg.distill else None)
+        section = _training_section(self.cfg, log)
+        state.report["finetune"] = {**section, "resumed_from_epoch": log.resumed_from_epoch,
+                                    "epoch_losses": section.pop("epoch_losses")}
         state.evaluations["after_finetune"] = evaluate(model, splits.test)
         state.result = result.refresh() if result.refresh is not None else result
         return state
@@ -354,13 +365,10 @@ class Train(Stage):
     name: ClassVar[str] = "train"
 
     def run(self, state: State) -> State:
-        model, splits = state.model, state.splits
-        log = train(model, splits, self.cfg, seed=state.options.seed, checkpoint=state.run.path(CHECKPOINT_FILE),
-                    run_key=run_key(state.source, None, self.cfg, state.options, splits), progress=state.progress)
-        state.evaluations["after_finetune"] = evaluate(model, splits.test)
-        state.evaluations["calibration"] = evaluate(model, splits.calibration)
-        state.report["finetune"] = {"config": self.cfg.to_dict(), "epochs": log.epochs,
-                                    "epoch_losses": [round(v, 5) for v in log.epoch_losses]}
+        log = _train_in_run(state, self.cfg, None)
+        state.evaluations["after_finetune"] = evaluate(state.model, state.splits.test)
+        state.evaluations["calibration"] = evaluate(state.model, state.splits.calibration)
+        state.report["finetune"] = _training_section(self.cfg, log)
         return state
 
 
