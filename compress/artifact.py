@@ -11,7 +11,6 @@ row-major order, whenever that is smaller than the dense tensor. Decoding gives 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,10 +23,19 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from compress.errors import UnsafeCheckpointError, UsageError
+from compress.errors import UsageError
+from compress.manifest import (  # noqa: F401  (re-exported: the run directory's API)
+    ARCH_FILE,
+    MANIFEST_FILE,
+    RESTORE_OR_SKIP,
+    WEIGHTS_FILE,
+    manifest_outputs,
+    sha256_bytes,
+    sha256_file,
+    verify_files,
+)
 
 FORMAT = "compress-sparse-v1"
-WEIGHTS_FILE, ARCH_FILE, MANIFEST_FILE = "model.safetensors", "arch.json", "manifest.json"
 MASK_SUFFIX, VALUES_SUFFIX = "::bitmask", "::values"
 
 
@@ -93,20 +101,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     metadata = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
     shapes = json.loads(metadata.get("compress", "{}")).get("sparse_shapes", {})
     return decode_sparse(load_bytes(data), shapes)
-
-
-def sha256_bytes(data: bytes) -> str:
-    """`sha256:<hex>` of some bytes."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """Digest of a file or, for a directory, of its files in name order."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(file.read_bytes())
-    return "sha256:" + digest.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
@@ -180,36 +174,3 @@ def masks_from_manifest(model: nn.Module, manifest: dict[str, Any]) -> dict[str,
     params = dict(model.named_parameters())
     return {name: (params[name].detach() != 0).to(params[name].dtype) for name in manifest.get("masked_params", [])
             if name in params}
-
-
-RESTORE_OR_SKIP = "restore the run or pass --no-verify to load it unchecked"  # the fix a loading command offers
-
-
-def manifest_outputs(directory: Path, fix: str = RESTORE_OR_SKIP) -> dict[str, str]:
-    """The files manifest.json covers and their digests; exit 5 when it is missing, unreadable or lists none."""
-    path = directory / MANIFEST_FILE
-    if not path.is_file():
-        raise UnsafeCheckpointError(f"{directory} has no {MANIFEST_FILE}, so its files cannot be checked; {fix}")
-    try:
-        outputs = json.loads(path.read_text()).get("outputs")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        outputs = None
-    if not isinstance(outputs, dict) or not outputs or not all(isinstance(v, str) for v in outputs.values()):
-        raise UnsafeCheckpointError(f"{path} is unreadable or lists no file digests (outputs), so the run cannot "
-                                    f"be checked; {fix}")
-    return outputs
-
-
-def verify_files(directory: Path, fix: str = RESTORE_OR_SKIP) -> dict[str, str]:
-    """Check every file manifest.json covers against its sha256; exit 5 naming the first that differs (the message
-    ends with `fix`); returns the files and digests checked."""
-    directory = Path(directory)
-    outputs = manifest_outputs(directory, fix)
-    for name, digest in outputs.items():
-        path = directory / name
-        if not path.resolve().is_relative_to(directory.resolve()) or not path.is_file():
-            raise UnsafeCheckpointError(f"{path} is listed in {MANIFEST_FILE} but is not a file of the run; {fix}")
-        if sha256_file(path) != digest:
-            raise UnsafeCheckpointError(f"{path} does not match its sha256 in {MANIFEST_FILE} (changed since the "
-                                        f"run was written); {fix}")
-    return outputs

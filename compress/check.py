@@ -2,11 +2,14 @@
 
 Pure functions and small frozen dataclasses; nothing here prints (the CLI renders with compress.report.budgets).
 
-Runs. CURRENT and BASELINE are each a run directory or its report.json. Figures are read from report.json:
-the model's `after` sizes (`before` when a run has no `after`), each task's latest figure (after_finetune, else
-after_compression, else before) and the latency rows. The baseline's figures are those of `--baseline`; without it
-the run's own origin (`model.before`, each task's `before`) is the baseline when the report records one (a prune
-run does), else there is none and only absolute limits can be checked.
+Runs. CURRENT and BASELINE are each a run directory (its files checked against manifest.json first, exit 5 when
+one differs, unless --no-verify), its report.json, or a model spec that `compress.check_models` measures (params,
+MACs, bytes, each task on the test split). Figures are read from report.json: the model's `after` sizes (`before`
+when a run has no `after`), each task's latest figure (after_finetune, else after_compression, else before) and the
+latency rows. The baseline's figures are those of `--baseline`; without it the run's own origin (`model.before`,
+each task's `before`) is the baseline when the report records one (a prune run does), else there is none and only
+absolute limits can be checked. When the budgets name latency and both models are at hand (a run directory with its
+weights, or a spec, on each side), check times them itself, interleaved, on the backends and batches named.
 
 Budgets file (YAML, loaded safely: a tag such as `!!python/object` is refused)::
 
@@ -32,7 +35,8 @@ an IoU and a speed ratio may not fall below it):
 - relative to the baseline: `+2%` / `-1%` (a signed percentage), `1.05x` (a factor), `-0.5pt` / `+3k` / `+512B`
   (a signed difference in the quantity's own unit: points for a task, percentage points for an accuracy).
 - latency: a speed ratio (`0.95x`, `0.95`, or `-5%` for 0.95x), the run's recorded speed-up against the model it
-  was timed interleaved with (its `speedup`, p25-p75 `speedup_spread`); `--baseline` does not change it.
+  was timed interleaved with (its `speedup`, p25-p75 `speedup_spread`), or, when both models are at hand, CURRENT
+  timed by check beside BASELINE.
 
 Rules: sizes, parameters and MACs are deterministic: beyond `error` errs, beyond `warn` warns. A task is the same.
 Latency is noisy: a limit inside the p25-p75 range of the paired ratios warns; the whole range beyond a limit warns,
@@ -55,6 +59,7 @@ from typing import Any, Literal
 import yaml
 
 from compress.errors import UsageError
+from compress.manifest import WEIGHTS_FILE, verify_files
 from compress.report.schema import SCHEMA_VERSION
 
 MARKER = "<!-- compress-check -->"
@@ -158,6 +163,53 @@ def load_report(where: str | Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not isinstance(report.get("model"), dict):
         raise UsageError(f"{path}: not a compress run's report.json (no `model`); give a run directory")
     return report
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """CURRENT or BASELINE as given: a run directory, a report.json, or a model spec that check measures itself."""
+
+    text: str
+    kind: Literal["run", "report", "spec"]
+    report: dict[str, Any] | None  # None for a spec until it is measured
+    has_model: bool                # a model can be loaded: a run directory with weights, or a spec
+
+
+def side_of(text: str, *, verify: bool = True) -> Side:
+    """Read a side: a run directory (its files checked against manifest.json unless `verify` is False), a report.json,
+    or, for anything that is not a path, a model spec (`rescnn`, `torchvision:NAME`, `pkg.mod:fn`)."""
+    path = Path(text)
+    if path.is_dir():
+        has_model = (path / WEIGHTS_FILE).is_file()
+        if verify and has_model:
+            verify_files(path)  # a tampered run is refused (exit 5) before any figure of it is believed
+        return Side(text, "run", load_report(path), has_model)
+    if path.is_file():
+        return Side(text, "report", load_report(path), False)
+    if text.endswith(".json") or "/" in text or text.startswith("."):
+        raise UsageError(f"{text}: no such run directory or report.json; give a compress run directory, its "
+                         "report.json, or a model spec (rescnn, torchvision:NAME, pkg.module:function)")
+    return Side(text, "spec", None, True)
+
+
+def budget_keys(path: Path) -> list[str]:
+    """The budget keys a budgets file names, read leniently (the full parse, with its errors, comes later)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    budgets = data.get("budgets") if isinstance(data, dict) else None
+    return [str(k) for k in budgets] if isinstance(budgets, dict) else []
+
+
+def latency_requests(path: Path) -> list[tuple[str, int]]:
+    """(backend, batch) of each latency budget in a budgets file, in file order."""
+    found = []
+    for key in budget_keys(path):
+        match = re.fullmatch(r"latency\.([a-z0-9_-]+)\.b(\d+)", key)
+        if match:
+            found.append((match.group(1), int(match.group(2))))
+    return found
 
 
 def model_figures(report: dict[str, Any], role: str) -> dict[str, Any]:

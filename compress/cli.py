@@ -726,9 +726,11 @@ def verify_command(
 
 @app.command()
 def check(
-    current: Annotated[str, typer.Argument(help="The run to check: a compress output directory or its report.json.")],
-    baseline: Annotated[str | None, typer.Option(help="The run to compare with (a directory or report.json). "
-                                                 "Default: the run's origin (model.before) when its report "
+    current: Annotated[str, typer.Argument(help="What to check: a compress run directory, its report.json, or a model "
+                                           "spec (rescnn, torchvision:NAME, pkg.module:function) that check "
+                                           "measures itself.")],
+    baseline: Annotated[str | None, typer.Option(help="What to compare with (a run directory, report.json or model "
+                                                 "spec). Default: the run's origin (model.before) when its report "
                                                  "records one, else absolute limits only.")] = None,
     budgets: Annotated[Path | None, typer.Option(help="YAML budgets file (see the README, 'Gate a model in "
                                                  "CI').")] = None,
@@ -741,37 +743,95 @@ def check(
                                                         "github-action-benchmark's customSmallerIsBetter "
                                                         "JSON.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --write-budgets file.")] = False,
+    weights: Annotated[Path | None, typer.Option(help="Weights of CURRENT when it is a model spec.")] = None,
+    baseline_weights: Annotated[Path | None, typer.Option(help="Weights of --baseline when it is a model "
+                                                          "spec.")] = None,
+    data: DataOpt = None, seed: SeedOpt = 0, verify: VerifyOpt = True,
+    latency_runs: Annotated[int, typer.Option(help="Timed rounds per latency budget when check times the two "
+                                              "models itself.")] = 20,
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
-    """Check a run against budgets on size, MACs, accuracy and speed: exit 0 when all hold or only warn, 3 on any
-    error, 2 on a wrong budgets file (naming file, line and key). Reads report.json only; writes nothing but the
-    files asked for."""
+    """Check a model against budgets on size, MACs, accuracy and speed: exit 0 when all hold or only warn, 3 on any
+    error, 2 on a wrong budgets file (naming file, line and key), 5 on a run whose files differ from its manifest.
+    Runs are read from report.json; a model spec is measured here; latency budgets are timed here, the two models
+    interleaved, when both are at hand (run directories or specs). Writes nothing but the files asked for."""
     session = Session(as_json=as_json, quiet=quiet, debug=debug)
-    result = session.run(lambda: _check(session, current, baseline, budgets, write_budgets, warn_as_error,
+    sides = CheckSides(current, baseline, weights, baseline_weights, verify)
+    measuring = MeasureChoices(data, seed, latency_runs, threads)
+    result = session.run(lambda: _check(session, sides, measuring, budgets, write_budgets, warn_as_error,
                                         (markdown, benchmark_json), force))
     if result is not None:
         session.emit(result)
 
 
-def _check(session: Session, current: str, baseline: str | None, budgets: Path | None, write_budgets: Path | None,
-           warn_as_error: bool, outputs: tuple[Path | None, Path | None], force: bool) -> dict[str, Any] | None:
+@dataclasses.dataclass(frozen=True)
+class CheckSides:
+    """CURRENT and --baseline as typed, with the weights of each when it is a model spec."""
+
+    current: str
+    baseline: str | None
+    weights: Path | None
+    baseline_weights: Path | None
+    verify: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureChoices:
+    """How check measures a model spec or times two models: data, seed, rounds, threads."""
+
+    data: str | None
+    seed: int
+    latency_runs: int
+    threads: int | None
+
+
+def _check(session: Session, sides: CheckSides, measuring: MeasureChoices, budgets: Path | None,
+           write_budgets: Path | None, warn_as_error: bool, outputs: tuple[Path | None, Path | None],
+           force: bool) -> dict[str, Any] | None:
     """`compress check`'s work: write a starting budgets file, or check the runs (BudgetError, exit 3, on failure)."""
     from compress import check as checks
 
     if write_budgets is not None:
-        _write_budgets(checks, current, write_budgets, budgets is not None or baseline is not None, force)
-        session.err.print(f"wrote {write_budgets}; check with: compress check {current} --budgets {write_budgets}",
-                          highlight=False, soft_wrap=True)
+        if budgets is not None or sides.baseline is not None:
+            raise UsageError("--write-budgets takes only the run; drop --budgets and --baseline")
+        _write_budgets(checks, _check_reports(checks, sides, measuring, None)[0], sides.current, write_budgets, force)
+        session.err.print(f"wrote {write_budgets}; check with: compress check {sides.current} --budgets "
+                          f"{write_budgets}", highlight=False, soft_wrap=True)
         return None
     if budgets is None:
         raise UsageError("--budgets FILE is required; write a starting one with --write-budgets FILE")
-    result = checks.check_runs(checks.load_report(current), checks.load_report(baseline) if baseline else None,
-                               budgets, sources=(current, baseline), warn_as_error=warn_as_error,
-                               command=_command_line())
+    current, baseline = _check_reports(checks, sides, measuring, budgets)
+    result = checks.check_runs(current, baseline, budgets, sources=(sides.current, sides.baseline),
+                               warn_as_error=warn_as_error, command=_command_line())
     _write_check_files(checks, result, *outputs)
     if result["exit_code"]:
         raise BudgetError(checks.failure_message(result), report=result)
     return result
+
+
+def _check_reports(checks: Any, sides: CheckSides, measuring: MeasureChoices,
+                   budgets: Path | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The two reports to check: read from runs; measured (torch imported only then) for a spec or to time two
+    models at hand."""
+    current = checks.side_of(sides.current, verify=sides.verify)
+    baseline = checks.side_of(sides.baseline, verify=sides.verify) if sides.baseline else None
+    for side, weights in ((current, sides.weights), (baseline, sides.baseline_weights)):
+        if weights is not None and (side is None or side.kind != "spec"):
+            raise UsageError(f"--{'baseline-' if side is baseline else ''}weights {weights} applies to a model spec "
+                             "only; a run directory carries its own weights")
+    both_models = baseline is not None and current.has_model and baseline.has_model
+    if current.kind != "spec" and (baseline is None or baseline.kind != "spec") and not (
+            both_models and budgets is not None and checks.latency_requests(budgets)):
+        return current.report, baseline.report if baseline is not None else None
+    from compress import api, check_models
+
+    _set_threads(measuring.threads)
+    sources = tuple(api.ModelSource(spec=side.text, weights=str(w) if w else None, verify=sides.verify)
+                    for side, w in ((current, sides.weights), (baseline, sides.baseline_weights)) if side is not None)
+    options = check_models.MeasureOptions(data=measuring.data, seed=measuring.seed,
+                                          latency_runs=measuring.latency_runs)
+    return check_models.gather(current, baseline, budgets, sources, options)
 
 
 def _command_line() -> str:
@@ -780,13 +840,11 @@ def _command_line() -> str:
     return shlex.join(["compress", *sys.argv[1:]])
 
 
-def _write_budgets(checks: Any, current: str, path: Path, other_options: bool, force: bool) -> None:
+def _write_budgets(checks: Any, report: dict[str, Any], current: str, path: Path, force: bool) -> None:
     """--write-budgets: a starting file from the run's own figures (refused over an existing file unless --force)."""
-    if other_options:
-        raise UsageError("--write-budgets takes only the run; drop --budgets and --baseline")
     if path.exists() and not force:
         raise UsageError(f"{path} exists; choose another name or add --force to replace it")
-    _write_text(path, checks.starting_budgets(checks.load_report(current), current))
+    _write_text(path, checks.starting_budgets(report, current))
 
 
 def _write_check_files(checks: Any, result: dict[str, Any], markdown: Path | None, bench: Path | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -225,7 +226,7 @@ def test_missing_budgets_and_missing_run_are_usage_errors(runs, tmp_path):
     result = RUNNER.invoke(app, ["check", str(runs["s90"])])
     assert result.exit_code == 2 and "--budgets FILE is required" in result.stderr
     result = RUNNER.invoke(app, ["check", str(tmp_path / "nope"), "--budgets", str(tmp_path / "b.yaml")])
-    assert result.exit_code == 2 and "no report.json there" in result.stderr
+    assert result.exit_code == 2 and "no such run directory or report.json" in result.stderr
 
 
 def test_written_budgets_load_back_and_pass_on_their_own_run(runs, tmp_path):
@@ -366,3 +367,70 @@ def test_checking_two_runs_does_not_import_torch(runs, tmp_path):
                           capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.rstrip().endswith("NO_TORCH")
+
+
+# ------------------------------------------------------------------- model specs and latency timed by check itself
+
+def test_a_model_spec_is_measured_by_check(runs, tmp_path):
+    """CURRENT as a run, BASELINE as the spec it was pruned from: check measures the spec (params, nonzero and the
+    test accuracy, recomputed here independently) and compares."""
+    from compress.finetune import evaluate
+    from compress.models import load_model
+    from compress.pipeline import load_data_for, seed_everything
+
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text('budgets:\n  params_total: {error: "+0%"}\n  params_nonzero: {error: "-85%"}\n'
+                       '  task.classification: {error: "-100pt"}\n')
+    done = RUNNER.invoke(app, ["check", str(runs["s90"]), "--baseline", TINY_SPEC, "--data", "digits",
+                               "--budgets", str(budgets), "--json"])
+    assert done.exit_code == 0, done.output
+    result = json.loads(done.stdout)
+    assert schema_problems(result) == [] and result["baseline_kind"] == "run"
+    rows = {r["budget"]: r for r in result["results"]}
+    seed_everything(0)
+    origin = load_model(TINY_SPEC)
+    model = origin.model.eval()
+    splits = load_data_for(origin, "digits", 0)
+    assert rows["params_total"]["baseline"] == sum(p.numel() for p in model.parameters())
+    assert rows["params_nonzero"]["baseline"] == sum(int(p.count_nonzero()) for p in model.parameters())
+    assert rows["task.classification"]["baseline"] == pytest.approx(evaluate(model, splits.test).accuracy, abs=1e-3)
+    # the run pruned 90%: against the spec's own count, -85% holds and -95% does not
+    budgets.write_text('budgets:\n  params_nonzero: {error: "-95%"}\n')
+    stricter = RUNNER.invoke(app, ["check", str(runs["s90"]), "--baseline", TINY_SPEC, "--data", "digits",
+                                   "--budgets", str(budgets)])
+    assert stricter.exit_code == 3, stricter.output
+
+
+def test_check_times_two_models_at_hand_itself(runs, tmp_path):
+    """Both runs were made without latency: a latency budget can only be met by check's own interleaved timing,
+    and an impossible strict limit (100x faster) must err on its p25-p75 range."""
+    assert not json.loads((runs["s90"] / "report.json").read_text()).get("latency")
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text('budgets:\n  latency.pytorch-cpu.b1: {warn: "0.01x"}\n')
+    args = ["check", str(runs["s90"]), "--baseline", str(runs["s80"]), "--data", "digits", "--latency-runs", "9"]
+    done = RUNNER.invoke(app, [*args, "--budgets", str(budgets), "--json"])
+    assert done.exit_code == 0, done.output
+    row = json.loads(done.stdout)["results"][0]
+    low, high = row["spread"]
+    assert 0.2 < low <= row["current"] <= high < 5  # the same architecture, a masked copy: about as fast
+    budgets.write_text('budgets:\n  latency.pytorch-cpu.b1: {error: "100x", strict: true}\n')
+    failed = RUNNER.invoke(app, [*args, "--budgets", str(budgets)])
+    assert failed.exit_code == 3 and "latency.pytorch-cpu.b1" in failed.output
+
+
+def test_check_refuses_a_tampered_run_and_misplaced_weights(runs, tmp_path):
+    budgets = tmp_path / "budgets.yaml"
+    budgets.write_text('budgets:\n  params_total: {error: "+0%"}\n')
+    tampered = tmp_path / "tampered"
+    shutil.copytree(runs["s90"], tampered)
+    weights = tampered / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    refused = RUNNER.invoke(app, ["check", str(tampered), "--budgets", str(budgets)])
+    assert refused.exit_code == 5 and "model.safetensors" in refused.output and "Traceback" not in refused.output
+    assert RUNNER.invoke(app, ["check", str(tampered), "--budgets", str(budgets), "--no-verify"]).exit_code == 0
+    misplaced = RUNNER.invoke(app, ["check", str(runs["s90"]), "--weights", str(weights), "--budgets", str(budgets)])
+    assert misplaced.exit_code == 2 and "model spec only" in misplaced.output
+    missing = RUNNER.invoke(app, ["check", str(tmp_path / "nowhere"), "--budgets", str(budgets)])
+    assert missing.exit_code == 2 and "no such run directory" in missing.output
