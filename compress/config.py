@@ -186,16 +186,41 @@ def load_recipe(path: str) -> dict[str, Any]:
     return recipe
 
 
-def _check_budget(keep: float, macs_keep: float | None) -> None:
-    """The keep ratio (of all parameters) and the optional MACs keep ratio lie in (0, 1]."""
-    _check_range("keep", keep, 0.0, 1.0, low_open=True)
-    if macs_keep is not None:
-        _check_range("macs_keep", macs_keep, 0.0, 1.0, low_open=True)
+def _check_budget(cfg: Any) -> None:
+    """The keep ratios (of all parameters, of MACs, of latency) lie in (0, 1]; the latency settings are sane."""
+    for name in ("keep", "macs_keep", "latency_keep"):
+        if getattr(cfg, name) is not None:
+            _check_range(name, getattr(cfg, name), 0.0, 1.0, low_open=True)
+    if cfg.backend not in LATENCY_BACKENDS:
+        raise UsageError(f"backend = {cfg.backend!r} is not a latency backend; choose one of "
+                         f"{', '.join(LATENCY_BACKENDS)}")
+    if cfg.latency_batch < 1 or cfg.rank_step < 1:
+        raise UsageError(f"latency_batch = {cfg.latency_batch} and rank_step = {cfg.rank_step} must be >= 1")
+    _check_range("dense_margin", cfg.dense_margin, 0.0, 1.0)
+
+
+def params_keep(cfg: Any) -> float | None:
+    """The fraction of all parameters a low-rank config keeps: `keep`, else 0.5 when no other budget is given."""
+    if cfg.keep is not None:
+        return cfg.keep
+    return 0.5 if cfg.macs_keep is None and cfg.latency_keep is None else None
 
 
 # the budget and the patterns of the low-rank methods (ALDS, SVD)
-_KEEP = {"help": "Fraction of all parameters to keep (norms, biases, untouched layers included)."}
+_KEEP = {"help": "Fraction of all parameters to keep (norms, biases, untouched layers included); default 0.5 "
+                 "unless --macs-keep or --latency-keep is given."}
 _MACS_KEEP = {"help": "Fraction of MACs to keep instead of --keep.", "replaces": "keep"}
+LATENCY_ROUND_TO = 8
+LATENCY_BACKENDS = ("onnxruntime-cpu", "pytorch-cpu", "pytorch-cuda", "mobile-proxy")
+_LATENCY_KEEP = {"help": "Fraction of the original's latency on --backend to keep, each layer priced there (with "
+                         "--keep or --macs-keep too: the first to bind wins)."}
+_BACKEND = {"help": "Backend whose measured layer times price each choice (--latency-keep, --latency-target).",
+            "choices": LATENCY_BACKENDS}
+_LATENCY_BATCH = {"help": "Batch size the layers are priced at (--latency-keep, --latency-target)."}
+_RANK_STEP = {"help": "With --latency-keep: ranks (and k x rank) are multiples of this, which blocked kernels run "
+                      "fast."}
+_DENSE_MARGIN = {"help": "With --latency-keep: a layer stays dense unless its best low-rank form saves this "
+                         "fraction of its time."}
 _DECOMPOSE = {"help": "Decompose only modules matching (glob or re:REGEX)."}
 _LEAVE = {"help": "Never decompose modules matching (glob or re:REGEX)."}
 
@@ -204,14 +229,22 @@ _LEAVE = {"help": "Never decompose modules matching (glob or re:REGEX)."}
 class ALDSConfig(ConfigBase):
     """ALDS (Liebenwein et al. 2021): per-layer rank j and channel groups k minimising the worst relative error.
 
-    The budget is `keep` x all parameters of the network, or `macs_keep` x its MACs when that is given (then
-    `keep` is not used). The seeded k search uses the run's seed.
+    The budget is `keep` x all parameters of the network (0.5 when no budget is given), or `macs_keep` x its MACs
+    when that is given (then `keep` is not used), and/or `latency_keep` x the original's measured latency on
+    `backend` at `latency_batch`, each layer's choices priced there (ranks in steps of `rank_step`, a layer kept
+    dense unless it saves `dense_margin` of its time); with two budgets the first to bind wins. The seeded k
+    search uses the run's seed.
     """
 
     cli_panel: ClassVar[str] = "ALDS / SVD"
 
-    keep: float = field(default=0.5, metadata=_KEEP)  # fraction of ALL parameters kept
+    keep: float | None = field(default=None, metadata=_KEEP)  # fraction of ALL parameters kept (params_keep)
     macs_keep: float | None = field(default=None, metadata=_MACS_KEEP)  # given: a MACs budget, not parameters
+    latency_keep: float | None = field(default=None, metadata=_LATENCY_KEEP)
+    backend: str = field(default="onnxruntime-cpu", metadata=_BACKEND)
+    latency_batch: int = field(default=1, metadata=_LATENCY_BATCH)
+    rank_step: int = field(default=8, metadata=_RANK_STEP)
+    dense_margin: float = field(default=0.1, metadata=_DENSE_MARGIN)
     # candidate k per layer (used where k divides the input channels); empty: all
     groups: tuple[int, ...] = field(default=(), metadata={"hidden": True})
     # k only where each group keeps at least this many input channels: narrow groups cut MACs but run slowly on
@@ -226,7 +259,7 @@ class ALDSConfig(ConfigBase):
     exclude: tuple[str, ...] = field(default=(), metadata=_LEAVE)
 
     def __post_init__(self) -> None:
-        _check_budget(self.keep, self.macs_keep)
+        _check_budget(self)
         for k in self.groups:
             if not isinstance(k, int) or isinstance(k, bool) or k < 1:
                 raise UsageError(f"groups = {list(self.groups)} must hold integers >= 1 (candidate channel groups k)")
@@ -246,13 +279,18 @@ class SVDConfig(ConfigBase):
 
     cli_panel: ClassVar[str] = "ALDS / SVD"
 
-    keep: float = field(default=0.5, metadata=_KEEP)
+    keep: float | None = field(default=None, metadata=_KEEP)
     macs_keep: float | None = field(default=None, metadata=_MACS_KEEP)
+    latency_keep: float | None = field(default=None, metadata=_LATENCY_KEEP)
+    backend: str = field(default="onnxruntime-cpu", metadata=_BACKEND)
+    latency_batch: int = field(default=1, metadata=_LATENCY_BATCH)
+    rank_step: int = field(default=8, metadata=_RANK_STEP)
+    dense_margin: float = field(default=0.1, metadata=_DENSE_MARGIN)
     include: tuple[str, ...] = field(default=(), metadata=_DECOMPOSE)
     exclude: tuple[str, ...] = field(default=(), metadata=_LEAVE)
 
     def __post_init__(self) -> None:
-        _check_budget(self.keep, self.macs_keep)
+        _check_budget(self)
         validate_patterns(self.include, "--include")
         validate_patterns(self.exclude, "--exclude")
 
@@ -299,7 +337,14 @@ class PAGCPConfig(ConfigBase):
         "help": "Fraction of the original MACs to keep; the search varies delta0 (never tau) to meet it, else "
                 "exits 6."})
     macs_tolerance: float = field(default=0.02, metadata={
-        "help": "|kept - target| allowed, as a fraction of the original MACs."})
+        "help": "|kept - target| allowed, as a fraction of the original MACs (or latency with --latency-target)."})
+    latency_target: float | None = field(default=None, metadata={  # a target in predicted ms instead of MACs
+        "replaces": "macs_target",
+        "help": "Fraction of the original's latency on --backend to keep, each unit's share priced there in "
+                "milliseconds; widths snap to multiples of 8 unless --round-to says otherwise; else like "
+                "--macs-target."})
+    backend: str = field(default="onnxruntime-cpu", metadata=_BACKEND)
+    latency_batch: int = field(default=1, metadata=_LATENCY_BATCH)
     # searches the macs_target search may run per round and tau
     max_searches: int = field(default=8, metadata={"hidden": True})
     rounds: int | str = field(default=1, metadata={"choices": ("auto",), "help": (
@@ -331,8 +376,14 @@ class PAGCPConfig(ConfigBase):
             _check_range("max_tau", self.max_tau, self.tau, 1e12)
         _check_range("zero_loss_atol", self.zero_loss_atol, 0.0, 1e6, low_open=True)
         _check_range("top_p", self.top_p, 0.0, 1.0, low_open=True)
-        if self.macs_target is not None:
-            _check_range("macs_target", self.macs_target, 0.0, 1.0, low_open=True, high_open=True)
+        for name in ("macs_target", "latency_target"):
+            if getattr(self, name) is not None:
+                _check_range(name, getattr(self, name), 0.0, 1.0, low_open=True, high_open=True)
+        if self.macs_target is not None and self.latency_target is not None:
+            raise UsageError("give macs_target or latency_target, not both")
+        if self.backend not in LATENCY_BACKENDS or self.latency_batch < 1:
+            raise UsageError(f"backend = {self.backend!r} must be one of {', '.join(LATENCY_BACKENDS)} and "
+                             f"latency_batch = {self.latency_batch} >= 1")
         _check_range("macs_tolerance", self.macs_tolerance, 0.0, 0.5, low_open=True)
         _check_count("max_searches", self.max_searches, 1)
         self._check_rounds()
@@ -344,6 +395,17 @@ class PAGCPConfig(ConfigBase):
             _check_count("max_units", self.max_units, 1, "(or None: every unit)")
         _check_choice(self, "saliency")
         validate_patterns(self.ignore, "--ignore")
+
+    @property
+    def target(self) -> float | None:
+        """The fraction to keep, of MACs or (with latency_target) of predicted latency; None: no target."""
+        return self.latency_target if self.latency_target is not None else self.macs_target
+
+    @property
+    def width_multiple(self) -> int:
+        """Kept widths are multiples of this: round_to, or 8 (what blocked CPU kernels run fast) when a latency
+        target leaves round_to at 1."""
+        return LATENCY_ROUND_TO if self.latency_target is not None and self.round_to == 1 else self.round_to
 
     def _check_rounds(self) -> None:
         if self.rounds == "auto":

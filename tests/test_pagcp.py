@@ -362,6 +362,43 @@ def test_target_is_met_from_both_sides(trained_mt, canvas, tmp_path):
     assert_within_bound(shipped, trained_mt, canvas, 5.0)
 
 
+def test_latency_target_counts_predicted_milliseconds(trained_mt, canvas, tmp_path, monkeypatch):
+    """--latency-target: units priced on ONNX Runtime, widths in multiples of 8, the loss bound still holds, and the
+    predicted keep recomputed here from a fresh cost table (same cache) matches the report and meets the target."""
+    from compress.measure.costs import CostModel, measure_model_ms, predict_ms, rest_ms
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "costs"))
+    report, shipped, code = _prune_mt(trained_mt, tmp_path, "lat", latency_target=0.85, exp=True)
+    keep = report["keep"]
+    assert keep["counted_over"] == "predicted latency (onnxruntime-cpu, batch 1)"
+    example = canvas.test.x[:1]
+    prices = CostModel("onnxruntime-cpu", batch=1, threads=1)
+    outside = rest_ms(trained_mt, example, prices, measure_model_ms(trained_mt, example, prices))
+    # the time outside the layers is measured again here, so the recomputed ratio agrees only within that noise
+    predicted = predict_ms(shipped, example, prices, outside) / predict_ms(trained_mt, example, prices, outside)
+    assert predicted == pytest.approx(keep["achieved"], abs=0.05)
+    figures = report["audit"]["figures"]
+    low, high = figures["latency_measured_spread"]
+    assert 0 < low <= figures["latency_measured"] <= high
+    if code == 0:
+        assert keep["achieved"] <= 0.85 + 0.02
+    else:
+        assert code == 6 and "predicted latency" in " ".join(report["audit"]["problems"]) + "measured latency"
+    original = dict(trained_mt.named_modules())
+    for name, module in shipped.named_modules():
+        if isinstance(module, nn.Conv2d) and module.out_channels != original[name].out_channels:
+            assert module.out_channels % 8 == 0, name
+    assert_within_bound(shipped, trained_mt, canvas, 5.0)
+
+
+def test_latency_and_macs_targets_exclude_each_other():
+    with pytest.raises(UsageError, match="not both"):
+        PAGCPConfig(macs_target=0.5, latency_target=0.5)
+    result = CliRunner().invoke(app, ["prune", "--method", "pagcp", "--macs-target", "0.5", "--latency-target",
+                                      "0.5", "--no-latency", "--quiet"])
+    assert result.exit_code == 2 and "not both" in result.output
+
+
 def test_extreme_settings_and_zero_loss_task_do_not_overflow(trained_cnn, digits):
     pruned, result = run(trained_cnn, digits, delta0=1e-6, tau=1e12, exp=True, macs_target=0.5)
     assert math.isfinite(result.summary["lambda"]) and result.summary["macs_keep"] < 1

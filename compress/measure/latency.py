@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -52,20 +52,32 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def interleaved_times(candidate: Callable[[], object], baseline: Callable[[], object], *, runs: int,
-                      warmup: int, synchronize: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
-    """Seconds per call of each, alternating which goes first each round."""
+def interleaved_rounds(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
+                       synchronize: Callable[[], None] = lambda: None) -> list[list[float]]:
+    """Seconds per call of each of `fns`, all called once in every round, the order reversed every other round.
+
+    Each callable gets one series of `runs` times, in the order of `fns`; round i of every series comes from the
+    same stretch of wall time, so a slow spell (another process, a frequency change) hits all of them alike.
+    """
     for _ in range(warmup):
-        candidate(), baseline()
-    cand, base = [], []
+        for fn in fns:
+            fn()
+    series: list[list[float]] = [[] for _ in fns]
+    forward = list(zip(fns, series))
     for i in range(runs):
-        order = ((candidate, cand), (baseline, base)) if i % 2 == 0 else ((baseline, base), (candidate, cand))
-        for fn, sink in order:
+        for fn, sink in (forward if i % 2 == 0 else forward[::-1]):
             synchronize()
             start = time.perf_counter()
             fn()
             synchronize()
             sink.append(time.perf_counter() - start)
+    return series
+
+
+def interleaved_times(candidate: Callable[[], object], baseline: Callable[[], object], *, runs: int,
+                      warmup: int, synchronize: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
+    """Seconds per call of each, alternating which goes first each round."""
+    cand, base = interleaved_rounds((candidate, baseline), runs=runs, warmup=warmup, synchronize=synchronize)
     return cand, base
 
 

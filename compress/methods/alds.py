@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig, matches
+from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig, matches, params_keep
 from compress.errors import UsageError
 from compress.measure import count_macs
+from compress.methods import pricing
 from compress.methods.base import KEEP_TOLERANCE, AuditOutcome, Context, Result, register
+from compress.methods.pricing import Prices
 from compress.models.transforms import register_transform
 
 FIXED_K_SEEDS = (3, 5, 7, 9)    # the first seeds of the k search: per layer, the divisor of c nearest to these
@@ -362,21 +364,37 @@ class Budget:
     total: int
     requested: float
     counted_over: str
+    priced: bool = False  # a cost by measured time (see compress.methods.pricing.LatencyBudget), not by weights
 
     @property
     def target(self) -> float:
         return self.requested * self.total
 
+    def options(self, index: int, cand: Candidate, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every rank 1..r of the layer for this k, with its cost."""
+        ranks = np.arange(1, cand.max_rank(k) + 1, dtype=np.int64)
+        return ranks, self.cost_at(index, cand, k, ranks)
+
+    def cost_at(self, index: int, cand: Candidate, k: int, ranks: np.ndarray) -> np.ndarray:
+        """The cost of the layer at these ranks: its weights (or MACs), never more than the dense layer's."""
+        return self.units[index] * np.minimum(cand.dense, ranks * cand.per_rank(k))
+
+    def within(self, cost: float) -> bool:
+        """Whether a cost meets the request within KEEP_TOLERANCE."""
+        return abs(cost - self.target) <= KEEP_TOLERANCE * self.target
+
 
 @dataclass
 class Allocation:
-    """Ranks per candidate (for its k), and the resulting cost."""
+    """Ranks per candidate (for its k), and the resulting cost under each budget (the first is `budget`'s)."""
 
     ks: list[int]
     ranks: list[int]
-    cost: int
+    cost: float
     eps_star: float
     budget: Budget
+    costs: tuple[float, ...] = ()
+    also: tuple[Budget, ...] = ()
 
     @property
     def achieved(self) -> float:
@@ -384,7 +402,8 @@ class Allocation:
 
     @property
     def within_tolerance(self) -> bool:
-        return abs(self.cost - self.budget.target) <= KEEP_TOLERANCE * self.budget.target
+        return self.budget.within(self.cost) and all(
+            c <= b.target * (1 + KEEP_TOLERANCE) for b, c in zip(self.also, self.costs[1:]))
 
     def score(self) -> tuple[bool, float, float]:
         """Smaller is better: the budget met within tolerance first, then the worst layer's error."""
@@ -392,7 +411,7 @@ class Allocation:
 
 
 def allocate(candidates: list[Candidate], curves: list[Curve], budget: Budget, *, split_ties: bool = False,
-             errors: list[Curve] | None = None) -> Allocation:
+             errors: list[Curve] | None = None, also: tuple[Budget, ...] = ()) -> Allocation:
     """Find the common level eps* whose ranks j_l = max(1, #{j : err_l[j] > eps*}) meet the budget.
 
     Lowering the level past a value err_l[j] raises layer l from rank j to j+1; the values are visited from
@@ -400,32 +419,65 @@ def allocate(candidates: list[Candidate], curves: list[Curve], budget: Budget, *
     bisection over the breakpoints). Values that tie move together unless `split_ties` (for the constant-rank
     baseline, where whole families of layers tie). The cheaper prefix at or under the target is taken, unless
     it misses the tolerance and the next one meets it. `errors` (default: `curves`) give the reported eps*.
+
+    A priced budget (measured milliseconds) offers each layer only its own options (ranks in steps, dense) and
+    drops every option that a higher rank beats on every cost; `also` are further budgets that must hold too
+    (the first to bind wins): the longest prefix meeting all of them is taken, so the sweep stays exact and a
+    larger budget never gives a larger eps*.
     """
-    value, owner, prefix_cost = _breakpoints(candidates, curves, budget)
+    budgets = (budget, *also)
+    value, owner, prefix_cost, options = _breakpoints(candidates, curves, budgets)
     allowed = _allowed_prefixes(value, split_ties)
-    n = int(allowed[_choose_prefix(prefix_cost[allowed], budget)])
-    ranks = (1 + np.bincount(owner[:n], minlength=len(candidates))).tolist()
+    n = int(allowed[_choose_prefix(prefix_cost[allowed], budgets)])
+    counts = np.bincount(owner[:n], minlength=len(candidates))
+    ranks = [int(ranks_l[c]) for ranks_l, c in zip(options, counts)]
     eps_star = _eps_star(candidates, curves, ranks, errors or curves)
-    return Allocation([c.k for c in curves], ranks, int(prefix_cost[n]), eps_star, budget)
+    costs = tuple(prefix_cost[n].tolist())
+    return Allocation([c.k for c in curves], ranks, costs[0], eps_star, budget, costs, also)
 
 
-def _breakpoints(candidates: list[Candidate], curves: list[Curve],
-                 budget: Budget) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The values err_l[j] from the largest down, the layer each raises a rank, and the cost after each prefix."""
-    values, deltas, owners = [], [], []
-    cost0 = budget.fixed
+def _layer_options(index: int, cand: Candidate, curve: Curve,
+                   budgets: tuple[Budget, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A layer's options for its k: ranks (ascending), their error levels and their cost under each budget."""
+    priced = next((b for b in budgets if b.priced), None)
+    ranks, first = (priced or budgets[0]).options(index, cand, curve.k)
+    costs = np.column_stack([first if b is (priced or budgets[0]) else b.cost_at(index, cand, curve.k, ranks)
+                             for b in budgets])
+    err = curve.err[ranks]
+    if priced is None and len(budgets) == 1:
+        return ranks, err, costs  # costs rise with the rank: no option is dominated
+    keep = _undominated(costs)
+    return ranks[keep], err[keep], costs[keep]
+
+
+def _undominated(costs: np.ndarray) -> np.ndarray:
+    """Options that no higher rank (lower error) beats on every cost; the last (dense, error 0) always stays."""
+    keep = np.ones(len(costs), dtype=bool)
+    for i in range(len(costs) - 1):
+        later = costs[i + 1:]
+        keep[i] = not np.any(np.all(later <= costs[i], axis=1) & np.any(later < costs[i], axis=1))
+    return keep
+
+
+def _breakpoints(candidates: list[Candidate], curves: list[Curve], budgets: tuple[Budget, ...],
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The levels err_l(option) from the largest down, the layer each moves up an option, the costs (one column per
+    budget) after each prefix, and each layer's ranks."""
+    values, deltas, owners, options = [], [], [], []
+    cost0 = np.array([b.fixed for b in budgets])
     for index, (cand, curve) in enumerate(zip(candidates, curves)):
-        r = curve.rank
-        ranks = np.arange(1, r + 1, dtype=np.int64)
-        cost = budget.units[index] * np.minimum(cand.dense, ranks * cand.per_rank(curve.k))
-        cost0 += int(cost[0])
-        values.append(curve.err[1:r])
-        deltas.append(np.diff(cost))
-        owners.append(np.full(r - 1, index, dtype=np.int64))
+        ranks, err, costs = _layer_options(index, cand, curve, budgets)
+        cost0 = cost0 + costs[0]
+        values.append(err[:-1])
+        deltas.append(np.diff(costs, axis=0))
+        owners.append(np.full(len(ranks) - 1, index, dtype=np.int64))
+        options.append(ranks)
     value = np.concatenate(values) if values else np.zeros(0)
     order = np.argsort(-value, kind="stable")  # stable: tied values keep the layers' order
-    value, delta, owner = value[order], np.concatenate(deltas)[order], np.concatenate(owners)[order]
-    return value, owner, cost0 + np.concatenate([[0], np.cumsum(delta)])
+    delta = np.concatenate(deltas)[order] if deltas else np.zeros((0, len(budgets)))
+    value, owner = value[order], np.concatenate(owners)[order]
+    return value, owner, cost0 + np.vstack([np.zeros((1, len(budgets)), dtype=delta.dtype),
+                                            np.cumsum(delta, axis=0)]), options
 
 
 def _allowed_prefixes(value: np.ndarray, split_ties: bool) -> np.ndarray:
@@ -437,16 +489,23 @@ def _allowed_prefixes(value: np.ndarray, split_ties: bool) -> np.ndarray:
     return np.unique(np.concatenate([[0], np.flatnonzero(value[1:] != value[:-1]) + 1, [len(value)]]))
 
 
-def _choose_prefix(costs: np.ndarray, budget: Budget) -> int:
-    """Index of the prefix cost taken: the last at or under the target, or the next if only it is within tolerance."""
-    target = budget.target
-    fits = int(np.searchsorted(costs, target, side="right")) - 1
-    if fits < 0:
-        smallest = costs[0] / budget.total
-        raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable: rank 1 in every "
+def _choose_prefix(costs: np.ndarray, budgets: tuple[Budget, ...]) -> int:
+    """Index of the prefix taken: the longest meeting every budget, or, for one budget by weights, the next if only
+    it is within tolerance."""
+    targets = np.array([b.target for b in budgets])
+    feasible = np.flatnonzero(np.all(costs <= targets, axis=1))
+    if not len(feasible):
+        failing = next(i for i, b in enumerate(budgets) if costs[0, i] > b.target)
+        budget, smallest = budgets[failing], costs[0, failing] / budgets[failing].total
+        floor = "rank 1" if not budget.priced else "the smallest rank step"
+        raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable: {floor} in every "
                          f"decomposable layer keeps {smallest:.6f}; raise the keep ratio or decompose more layers")
-    if fits + 1 < len(costs) and costs[fits] < target * (1 - KEEP_TOLERANCE) \
-            and costs[fits + 1] <= target * (1 + KEEP_TOLERANCE):
+    fits = int(feasible[-1])
+    if len(budgets) > 1 or budgets[0].priced:
+        return fits
+    target, column = budgets[0].target, costs[:, 0]
+    if fits + 1 < len(column) and column[fits] < target * (1 - KEEP_TOLERANCE) \
+            and column[fits + 1] <= target * (1 + KEEP_TOLERANCE):
         return fits + 1
     return fits
 
@@ -458,10 +517,13 @@ def _eps_star(candidates: list[Candidate], curves: list[Curve], ranks: list[int]
     return max(eps, default=0.0)
 
 
-def make_budget(model: nn.Module, candidates: list[Candidate], example: torch.Tensor, keep: float,
-                macs_keep: float | None) -> Budget:
-    """All parameters of the network (or its MACs with `macs_keep`) and what the candidates contribute."""
+def make_budget(model: nn.Module, candidates: list[Candidate], example: torch.Tensor, keep: float | None,
+                macs_keep: float | None) -> Budget | None:
+    """All parameters of the network (or its MACs with `macs_keep`) and what the candidates contribute; None when
+    neither is asked for."""
     record_positions(model, candidates, example)
+    if macs_keep is None and keep is None:
+        return None
     if macs_keep is not None:
         total = count_macs(model, example).macs
         units = tuple(c.positions for c in candidates)
@@ -483,8 +545,9 @@ def nearest_divisors(candidates: list[Candidate], desired: int) -> list[int]:
 class KSearch:
     """The seeded iterative search over k (METHODS.md §3) on float32 error curves."""
 
-    def __init__(self, candidates: list[Candidate], budget: Budget, progress: Callable[[str, int, int], None] | None):
-        self.candidates, self.budget = candidates, budget
+    def __init__(self, candidates: list[Candidate], budget: Budget, progress: Callable[[str, int, int], None] | None,
+                 also: tuple[Budget, ...] = ()):
+        self.candidates, self.budget, self.also = candidates, budget, also
         self.curves: list[dict[int, Curve]] = []
         for index, cand in enumerate(candidates):
             sigma = group_singular_values(cand.module.weight, cand.ks)
@@ -504,10 +567,13 @@ class KSearch:
                                 np.array([cand.max_rank(k) for k in cand.ks]), table))
 
     def allocate(self, ks: list[int]) -> Allocation:
-        return allocate(self.candidates, [curves[k] for curves, k in zip(self.curves, ks)], self.budget)
+        return allocate(self.candidates, [curves[k] for curves, k in zip(self.curves, ks)], self.budget,
+                        also=self.also)
 
     def improve(self, current: Allocation) -> list[int]:
         """Per layer, the k with the smallest error for the weights the layer holds now (ties: smaller k)."""
+        if self.budget.priced:
+            return self.improve_priced(current)
         chosen = []
         for cand, (ks, per_rank, max_rank, table), k, j in zip(self.candidates, self.tables, current.ks,
                                                                current.ranks):
@@ -515,6 +581,21 @@ class KSearch:
             ranks = np.minimum(share // per_rank, max_rank)
             err = np.where(ranks >= 1, table[np.arange(len(ks)), np.maximum(ranks, 0)], np.inf)
             chosen.append(int(ks[int(np.argmin(err))]))
+        return chosen
+
+    def improve_priced(self, current: Allocation) -> list[int]:
+        """Per layer, the k with the smallest error for the time the layer takes now (ties: smaller k): the group
+        count searched at each layer's latency share."""
+        chosen = []
+        for index, (cand, curves, k, j) in enumerate(zip(self.candidates, self.curves, current.ks, current.ranks)):
+            share = float(self.budget.cost_at(index, cand, k, np.array([j]))[0])
+            best = (np.inf, k)
+            for other in cand.ks:
+                ranks, costs = self.budget.options(index, cand, other)
+                fits = ranks[costs <= share * (1 + 1e-9)]
+                if len(fits):
+                    best = min(best, (float(curves[other].err[fits].min()), other))
+            chosen.append(best[1])
         return chosen
 
     def feasible_start(self, ks: list[int]) -> Allocation:
@@ -606,16 +687,18 @@ def decompose(model: nn.Module, candidates: list[Candidate], factors: list[Facto
     return rows, transforms
 
 
-def _summary(method: str, model: nn.Module, example: torch.Tensor, allocation: Allocation, budget: Budget,
-             params_before: int, macs_before: int | None, skipped: list[dict[str, str]], rows: list[dict[str, Any]],
+def _summary(method: str, model: nn.Module, prep: Prepared, allocation: Allocation, rows: list[dict[str, Any]],
              extra: dict[str, Any]) -> dict[str, Any]:
-    """The keep section (requested, achieved over what), eps*, the counts behind them, and method details."""
+    """The keep section (requested, achieved over what), eps*, the counts behind them, and method details. With a
+    latency budget `achieved` is the predicted latency ratio (the measured one is audited on the shipped model)."""
+    budget, params_before = prep.budget, prep.params_before
     params_after = sum(p.numel() for p in model.parameters())
-    if budget.counted_over == "MACs":
-        macs_after = count_macs(model, example).macs
-        achieved = macs_after / macs_before
+    macs_after = count_macs(model, prep.example).macs if prep.macs_before is not None else None
+    if budget.priced:
+        achieved = allocation.cost / budget.total
+    elif macs_after is not None:
+        achieved = macs_after / prep.macs_before
     else:
-        macs_after = None
         achieved = params_after / params_before
     keep = {"requested": budget.requested, "achieved": achieved, "counted_over": budget.counted_over}
     summary = {"method": method, "keep": keep, "keep_requested": budget.requested, "keep_achieved": achieved,
@@ -623,103 +706,162 @@ def _summary(method: str, model: nn.Module, example: torch.Tensor, allocation: A
                "eps_star": allocation.eps_star, "params_before": params_before, "params_after": params_after,
                "params_keep": params_after / params_before, "allocated_cost": allocation.cost,
                "budget_total": budget.total, "layers_decomposed": sum(r["decomposed"] for r in rows),
-               "layers_dense": sum(not r["decomposed"] for r in rows), "skipped": skipped,
+               "layers_dense": sum(not r["decomposed"] for r in rows), "skipped": prep.skipped,
                "worst_err_spectral": max((r["err_spectral"] for r in rows), default=0.0)}
+    if prep.also:
+        summary["also"] = [{"requested": b.requested, "counted_over": b.counted_over, "achieved": c / b.total}
+                           for b, c in zip(prep.also, allocation.costs[1:])]
     if macs_after is not None:
-        summary.update(macs_before=macs_before, macs_after=macs_after)
+        summary.update(macs_before=prep.macs_before, macs_after=macs_after)
     summary.update(extra)
     return summary
 
 
-def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups: tuple[int, ...] = ()):
+@dataclass
+class Prepared:
+    """What every low-rank method starts from: its candidates, the budgets (the first binds the search) and the
+    counts before."""
+
+    candidates: list[Candidate]
+    skipped: list[dict[str, str]]
+    example: torch.Tensor
+    budget: Budget
+    also: tuple[Budget, ...]
+    params_before: int
+    macs_before: int | None
+
+
+def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups: tuple[int, ...] = (),
+             prices: Prices | None = None, outside_ms: float | None = None) -> Prepared:
+    """Candidates and budgets: by weights (keep or macs_keep), and with latency_keep by price on the backend
+    (`prices`: a cost table to use instead of the backend's own, for tests)."""
     candidates, skipped = find_candidates(model, cfg.include, cfg.exclude, groups,
                                           getattr(cfg, "min_group_channels", 1))
     example = ctx.example_inputs
-    budget = make_budget(model, candidates, example, cfg.keep, cfg.macs_keep)
-    params_before = sum(p.numel() for p in model.parameters())
-    macs_before = budget.total if budget.counted_over == "MACs" else None
-    return candidates, skipped, example, budget, params_before, macs_before
+    by_weights = make_budget(model, candidates, example, params_keep(cfg), cfg.macs_keep)
+    budgets: tuple[Any, ...] = (by_weights,) if by_weights is not None else ()
+    if cfg.latency_keep is not None:
+        pricing.priced_ks(candidates)
+        by_time = pricing.latency_budget(model, candidates, example, cfg, prices or pricing.cost_model_for(cfg),
+                                         outside_ms)
+        budgets = (by_time, *budgets)
+    macs_before = by_weights.total if by_weights is not None and by_weights.counted_over == "MACs" else None
+    return Prepared(candidates, skipped, example, budgets[0], budgets[1:],
+                    sum(p.numel() for p in model.parameters()), macs_before)
 
 
-def _final(model: nn.Module, candidates: list[Candidate], ks: list[int], budget: Budget,
+def _final(model: nn.Module, prep: Prepared, ks: list[int],
            level_curves: Callable[[list[Factors]], list[Curve]] | None, split_ties: bool,
            progress: Callable[[str, int, int], None] | None) -> tuple[Allocation, list[Factors], list[Curve]]:
     """float64 factors for the chosen k's, the exact ALDS curves, and the allocation (by `level_curves` if given)."""
     factors = []
-    for index, (cand, k) in enumerate(zip(candidates, ks)):
+    for index, (cand, k) in enumerate(zip(prep.candidates, ks)):
         factors.append(exact_factors(cand.module.weight, k))
         if progress:
-            progress("decompose: spectra", index + 1, len(candidates))
+            progress("decompose: spectra", index + 1, len(prep.candidates))
     curves = [error_curve(fac.k, fac.sigma, fac.norm) for fac in factors]
     levels = level_curves(factors) if level_curves else curves
-    allocation = allocate(candidates, levels, budget, split_ties=split_ties, errors=curves)
+    allocation = allocate(prep.candidates, levels, prep.budget, split_ties=split_ties, errors=curves, also=prep.also)
     return allocation, factors, curves
+
+
+def _finish(method: str, model: nn.Module, prep: Prepared, allocation: Allocation, factors: list[Factors],
+            curves: list[Curve], extra: dict[str, Any]) -> Result:
+    """Decompose, price what shipped (with latency_keep) and build the result."""
+    rows, transforms = decompose(model, prep.candidates, factors, allocation, curves, prep.budget)
+    sections: dict[str, Any] = {}
+    if prep.budget.priced:
+        pricing.layer_times(rows, model, prep.example, prep.budget, list(zip(allocation.ks, allocation.ranks)),
+                            prep.candidates)
+        sections["latency_target"] = pricing.latency_section(prep.budget, allocation.cost, prep.budget.prices)
+    summary = _summary(method, model, prep, allocation, rows, extra)
+    sections["keep"] = summary["keep"]
+    return Result(model, layers=rows, summary=summary, transforms=transforms, sections=sections)
 
 
 def audit(result: Result, cfg: SVDConfig | ALDSConfig, shipped: nn.Module, original: nn.Module,
           ctx: Context) -> AuditOutcome:
-    """The kept fraction of all parameters (or of MACs with macs_keep), counted afresh on the shipped and the
-    original model, within KEEP_TOLERANCE of the request."""
+    """Every budget counted afresh on the shipped and the original model: the kept fraction of all parameters (or
+    of MACs) within KEEP_TOLERANCE of the request (only as a ceiling when latency_keep binds too), and the latency
+    measured against the original on the priced backend (pricing.audit_latency)."""
     outcome = AuditOutcome()
-    if cfg.macs_keep is not None:
-        requested, over = cfg.macs_keep, "MACs"
-        achieved = count_macs(shipped, ctx.example_inputs).macs / count_macs(original, ctx.example_inputs).macs
-    else:
-        requested, over = cfg.keep, "all parameters"
-        achieved = sum(p.numel() for p in shipped.parameters()) / sum(p.numel() for p in original.parameters())
-    outcome.figures.update(keep_achieved=achieved, counted_over=over)
-    if abs(achieved - requested) > KEEP_TOLERANCE * requested:
-        outcome.problems.append(f"kept {achieved:.6f} of {over}, requested {requested} (off by more than "
-                                f"{KEEP_TOLERANCE:.1%}; on small layers one rank step can be larger than that: change "
-                                "the keep ratio slightly)")
+    requested = cfg.macs_keep if cfg.macs_keep is not None else params_keep(cfg)
+    if requested is not None:
+        over = "MACs" if cfg.macs_keep is not None else "all parameters"
+        achieved = _kept(shipped, original, ctx.example_inputs, over)
+        outcome.figures.update(keep_achieved=achieved, counted_over=over)
+        ceiling_only = cfg.latency_keep is not None
+        if achieved > requested * (1 + KEEP_TOLERANCE) or (
+                not ceiling_only and achieved < requested * (1 - KEEP_TOLERANCE)):
+            outcome.problems.append(f"kept {achieved:.6f} of {over}, requested {requested} (off by more than "
+                                    f"{KEEP_TOLERANCE:.1%}; on small layers one rank step can be larger than that: "
+                                    "change the keep ratio slightly)")
+    if cfg.latency_keep is not None:
+        calibration = ctx.splits.calibration.x[:64] if ctx.splits is not None else ctx.example_inputs
+        problems, figures = pricing.audit_latency(shipped, original, ctx.example_inputs, calibration, cfg.backend,
+                                                  cfg.latency_batch, cfg.latency_keep)
+        outcome.problems += problems
+        outcome.figures.update(figures)
     return outcome
+
+
+def _kept(shipped: nn.Module, original: nn.Module, example: torch.Tensor, over: str) -> float:
+    """The fraction of MACs or of all parameters the shipped model keeps, counted on both models."""
+    if over == "MACs":
+        return count_macs(shipped, example).macs / count_macs(original, example).macs
+    return sum(p.numel() for p in shipped.parameters()) / sum(p.numel() for p in original.parameters())
+
+
+def run_alds(model: nn.Module, cfg: ALDSConfig, ctx: Context, prices: Prices | None = None,
+             outside_ms: float | None = None) -> Result:
+    """ALDS with an explicit cost table (`prices`) and time outside the layers, for tests and benchmarks."""
+    prep = _prepare(model, cfg, ctx, cfg.groups, prices, outside_ms)
+    search = KSearch(prep.candidates, prep.budget, ctx.progress, prep.also)
+    best, log = search.run(cfg.seeds, cfg.rounds, ctx.seed)
+    allocation, factors, curves = _final(model, prep, best.ks, None, False, ctx.progress)
+    return _finish("alds", model, prep, allocation, factors, curves,
+                   {"search": dict(log, seeds_tried=cfg.seeds, rounds=cfg.rounds, search_eps=best.eps_star)})
 
 
 @register("alds", ALDSConfig, audit=audit, layer_kind="lowrank")
 def apply(model: nn.Module, cfg: ALDSConfig, ctx: Context) -> Result:
     """Decompose `model` in place: k per layer by the seeded search, then ranks at the common error level eps*."""
-    candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx, cfg.groups)
-    search = KSearch(candidates, budget, ctx.progress)
-    best, log = search.run(cfg.seeds, cfg.rounds, ctx.seed)
-    allocation, factors, curves = _final(model, candidates, best.ks, budget, None, False, ctx.progress)
-    rows, transforms = decompose(model, candidates, factors, allocation, curves, budget)
-    summary = _summary("alds", model, example, allocation, budget, params_before, macs_before, skipped, rows,
-                       {"search": dict(log, seeds_tried=cfg.seeds, rounds=cfg.rounds, search_eps=best.eps_star)})
-    return Result(model, layers=rows, summary=summary, transforms=transforms, sections={"keep": summary["keep"]})
+    return run_alds(model, cfg, ctx)
+
+
+def run_svd(method: str, model: nn.Module, cfg: SVDConfig, ctx: Context, prices: Prices | None = None,
+            outside_ms: float | None = None) -> Result:
+    """A k = 1 baseline (`svd`: one relative rank; `svd-energy`: one fraction of Frobenius energy) under the same
+    budgets as ALDS."""
+    prep = _prepare(model, cfg, ctx, (), prices, outside_ms)
+    for cand in prep.candidates:
+        cand.ks = [1]
+    levels: list[Curve] = []
+
+    def level_curves(facs: list[Factors]) -> list[Curve]:
+        levels[:] = [_relative_rank_curve(f.sigma.shape[1]) if method == "svd" else _energy_curve(f.sigma)
+                     for f in facs]
+        return levels
+
+    allocation, factors, curves = _final(model, prep, [1] * len(prep.candidates), level_curves, method == "svd",
+                                         ctx.progress)
+    if method == "svd":
+        relative = [r / c.max_rank(1) for r, c in zip(allocation.ranks, prep.candidates)]
+        extra: dict[str, Any] = {"relative_rank": {"min": min(relative), "max": max(relative)}}
+    else:
+        frob = [float(e.err[j]) for e, j, c, k in zip(levels, allocation.ranks, prep.candidates, allocation.ks)
+                if c.decomposes(k, j)]
+        extra = {"energy_kept": 1.0 - max(frob, default=0.0) ** 2}
+    return _finish(method, model, prep, allocation, factors, curves, extra)
 
 
 @register("svd", SVDConfig, audit=audit, layer_kind="lowrank")
 def apply_svd(model: nn.Module, cfg: SVDConfig, ctx: Context) -> Result:
     """Truncated SVD (k = 1) with one relative rank in every layer, chosen to meet the budget."""
-    candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx)
-    for cand in candidates:
-        cand.ks = [1]
-    allocation, factors, curves = _final(
-        model, candidates, [1] * len(candidates), budget,
-        lambda facs: [_relative_rank_curve(fac.sigma.shape[1]) for fac in facs], True, ctx.progress)
-    rows, transforms = decompose(model, candidates, factors, allocation, curves, budget)
-    relative = [r / c.max_rank(1) for r, c in zip(allocation.ranks, candidates)]
-    summary = _summary("svd", model, example, allocation, budget, params_before, macs_before, skipped, rows,
-                       {"relative_rank": {"min": min(relative), "max": max(relative)}})
-    return Result(model, layers=rows, summary=summary, transforms=transforms, sections={"keep": summary["keep"]})
+    return run_svd("svd", model, cfg, ctx)
 
 
 @register("svd-energy", SVDEnergyConfig, audit=audit, layer_kind="lowrank")
 def apply_svd_energy(model: nn.Module, cfg: SVDEnergyConfig, ctx: Context) -> Result:
     """Truncated SVD (k = 1) keeping in every layer the smallest rank with a common fraction of Frobenius energy."""
-    candidates, skipped, example, budget, params_before, macs_before = _prepare(model, cfg, ctx)
-    for cand in candidates:
-        cand.ks = [1]
-    energy: list[Curve] = []
-
-    def levels(facs: list[Factors]) -> list[Curve]:
-        energy[:] = [_energy_curve(fac.sigma) for fac in facs]
-        return energy
-
-    allocation, factors, curves = _final(model, candidates, [1] * len(candidates), budget, levels, False,
-                                         ctx.progress)
-    rows, transforms = decompose(model, candidates, factors, allocation, curves, budget)
-    frob = [float(e.err[j]) for e, j, row in zip(energy, allocation.ranks, rows) if row["decomposed"]]
-    summary = _summary("svd-energy", model, example, allocation, budget, params_before, macs_before, skipped, rows,
-                       {"energy_kept": 1.0 - max(frob, default=0.0) ** 2})
-    return Result(model, layers=rows, summary=summary, transforms=transforms, sections={"keep": summary["keep"]})
+    return run_svd("svd-energy", model, cfg, ctx)

@@ -32,6 +32,7 @@ from torch import nn
 from compress.config import PAGCPConfig
 from compress.errors import UsageError
 from compress.measure import count_macs, count_params
+from compress.methods import pricing
 from compress.methods.base import AuditOutcome, Context, ReportSection, Result, register
 from compress.methods.channels import (
     Graph,
@@ -45,6 +46,7 @@ from compress.methods.channels import (
     saliency,
     select,
 )
+from compress.methods.pricing import Meter
 from compress.tasks import CLASSIFICATION, Tasks
 
 EVAL_BATCH = 256
@@ -246,8 +248,9 @@ class _Walk:
     reference: np.ndarray
     base: np.ndarray
     current: np.ndarray
-    macs: int
+    macs: float  # the target's cost: MACs, or predicted ms with a latency target
     cache: dict
+    meter: Meter
     state: tuple = ()
 
 
@@ -300,7 +303,7 @@ def _accept(walk: _Walk, unit: Unit, log: UnitLog, n: int, losses: np.ndarray, e
     log.loss_ratios = loss_ratios(walk.oracle.names, losses, walk.base)
     log.removed = select(log.scores, n, unit.chunks)
     prune_unit(walk.graph, unit, log.removed)
-    after = count_macs(walk.graph.model, example).macs
+    after = walk.meter.cost(walk.graph.model)
     log.macs_removed, walk.macs = walk.macs - after, after
     log.rise = float(np.max(np.where(walk.current > 0, losses / np.maximum(walk.current, 1e-300), 1.0)) - 1.0)
     log.score = max(log.rise, 0.0) / max(log.macs_removed, 1)
@@ -310,8 +313,11 @@ def _accept(walk: _Walk, unit: Unit, log: UnitLog, n: int, losses: np.ndarray, e
 
 
 def run_search(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: float, bound: Bound,
-               reference: np.ndarray, oracle: Oracle, example: torch.Tensor, cache: dict, progress: Progress) -> Search:
-    """The sequential greedy search on a working copy of `model` (left untouched), against `reference` losses."""
+               reference: np.ndarray, oracle: Oracle, example: torch.Tensor, cache: dict, progress: Progress,
+               meter: Meter | None = None) -> Search:
+    """The sequential greedy search on a working copy of `model` (left untouched), against `reference` losses;
+    `meter` counts what each accepted unit removes (default: MACs)."""
+    meter = meter or pricing.macs_meter(example)
     started, evaluations_before = time.perf_counter(), oracle.evaluations
     work = copy.deepcopy(model).eval()
     graph = build_graph(work, example, cfg.ignore)
@@ -320,16 +326,15 @@ def run_search(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: fl
                 for u in units if u.name in by_name]
     lam = solve_lambda(delta0, bound.tau, len(searched)) if cfg.exp else 1.0
     ordered = order_units(searched, lam)[:cfg.max_units]
-    walk = _Walk(graph, oracle, bound, reference, reference.copy(), reference.copy(),
-                 count_macs(work, example).macs, cache)
+    walk = _Walk(graph, oracle, bound, reference, reference.copy(), reference.copy(), meter.cost(work), cache, meter)
     delta_cap, delta, logs = float(bound.taus.max()) - 1.0, min(delta0, float(bound.taus.max()) - 1.0), []
     for position, unit in enumerate(ordered):
-        log = UnitLog(position, unit, delta=delta, candidates=candidate_removals(unit, cfg.step, cfg.round_to))
+        log = UnitLog(position, unit, delta=delta, candidates=candidate_removals(unit, cfg.step, cfg.width_multiple))
         logs.append(log)
         if unit.contribution < 0:
             log.error = "pruning this unit breaks the forward pass"
         elif not log.candidates:
-            log.left_alone = f"narrower than 2 x round_to ({2 * cfg.round_to} channels)"
+            log.left_alone = f"narrower than 2 x round_to ({2 * cfg.width_multiple} channels)"
         elif (accepted := _search_unit(walk, unit, log, cfg)) is not None:
             _accept(walk, unit, log, *accepted, example)
         if log.candidates and unit.contribution >= 0:
@@ -372,10 +377,12 @@ def pruned_copy(model: nn.Module, removals: Removals, example: torch.Tensor, cfg
     return candidate.eval()
 
 
-def trim_to_target(model: nn.Module, kept: list[UnitLog], limit: float, macs_original: int, example: torch.Tensor,
-                   cfg: PAGCPConfig) -> Removals:
-    """The fewest units, in score order, whose pruning keeps at most `limit` of the original MACs; the last one
-    is taken partially (its smallest candidate that crosses the limit), so the result lands close to it."""
+def trim_to_target(model: nn.Module, kept: list[UnitLog], limit: float, macs_original: float, example: torch.Tensor,
+                   cfg: PAGCPConfig, meter: Meter | None = None) -> Removals:
+    """The fewest units, in score order, whose pruning keeps at most `limit` of the original cost (MACs, or
+    `meter`'s); the last one is taken partially (its smallest candidate that crosses the limit), so the result
+    lands close to it."""
+    meter = meter or pricing.macs_meter(example)
     work = copy.deepcopy(model).eval()
     graph = build_graph(work, example, cfg.ignore)
     units = {u.name: u for u in graph.units}
@@ -383,14 +390,14 @@ def trim_to_target(model: nn.Module, kept: list[UnitLog], limit: float, macs_ori
     for log in sorted(kept, key=lambda lg: (lg.score, lg.order)):
         unit = units[log.unit.name]
         undo = prune_unit(graph, unit, log.removed)
-        if count_macs(work, example).macs > limit * macs_original:
+        if meter.cost(work) > limit * macs_original:
             chosen[unit.name] = list(log.removed)
             continue
         undo()  # this unit crosses the limit: take the smallest candidate of it that still does
-        for n in [c for c in candidate_removals(unit, cfg.step, cfg.round_to) if c < len(log.removed)]:
+        for n in [c for c in candidate_removals(unit, cfg.step, cfg.width_multiple) if c < len(log.removed)]:
             idxs = select(log.scores, n, unit.chunks)
             undo = prune_unit(graph, unit, idxs)
-            if count_macs(work, example).macs <= limit * macs_original:
+            if meter.cost(work) <= limit * macs_original:
                 chosen[unit.name] = idxs
                 return chosen
             undo()
@@ -405,22 +412,24 @@ class Selection:
 
     removals: Removals
     model: nn.Module
-    macs: int
+    macs: float  # the target's cost (MACs, or predicted ms)
     losses: np.ndarray
     dropped: list[str] = field(default_factory=list)   # units dropped so that the bound holds
 
 
 def hold_bound(model: nn.Module, removals: Removals, logs: list[UnitLog], bound: Bound, reference: np.ndarray,
-               oracle: Oracle, example: torch.Tensor, cfg: PAGCPConfig, finalize: Any) -> Selection:
+               oracle: Oracle, example: torch.Tensor, cfg: PAGCPConfig, finalize: Any,
+               meter: Meter | None = None) -> Selection:
     """Evaluate the selection as it ships; while a task breaks the bound, drop the unit with the largest loss
-    rise per MAC removed."""
+    rise per MAC (or ms) removed."""
+    meter = meter or pricing.macs_meter(example)
     score = {log.unit.name: (log.score, log.order) for log in logs}
     removals, dropped = dict(removals), []
     while True:
         candidate = pruned_copy(model, removals, example, cfg, finalize)
         losses = oracle.losses(candidate)
         if not removals or not bound.broken(losses, reference).any():
-            return Selection(removals, candidate, count_macs(candidate, example).macs, losses, dropped)
+            return Selection(removals, candidate, meter.cost(candidate), losses, dropped)
         worst = max(removals, key=lambda name: score.get(name, (math.inf, 0)))
         dropped.append(worst)
         del removals[worst]
@@ -452,11 +461,11 @@ class Round:
 
 
 def _attempt(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: float, bound: Bound,
-             reference: np.ndarray, oracle: Oracle, example: torch.Tensor, cache: dict, macs_original: int,
-             progress: Progress) -> Attempt:
-    search = run_search(model, units, cfg, delta0, bound, reference, oracle, example, cache, progress)
+             reference: np.ndarray, oracle: Oracle, example: torch.Tensor, cache: dict, macs_original: float,
+             progress: Progress, meter: Meter) -> Attempt:
+    search = run_search(model, units, cfg, delta0, bound, reference, oracle, example, cache, progress, meter)
     kept = select_top(search, cfg.top_p)
-    macs = count_macs(pruned_copy(model, removals_of(kept), example, cfg), example).macs
+    macs = meter.cost(pruned_copy(model, removals_of(kept), example, cfg))
     return Attempt(delta0, bound.tau, search, kept, macs / macs_original)
 
 
@@ -473,7 +482,7 @@ def delta0_ladder(cfg: PAGCPConfig, bound: Bound) -> list[float]:
 
 
 def _short(attempt: Attempt, cfg: PAGCPConfig) -> bool:
-    return cfg.macs_target is not None and attempt.keep > cfg.macs_target + cfg.macs_tolerance
+    return cfg.target is not None and attempt.keep > cfg.target + cfg.macs_tolerance
 
 
 def _bisect(attempts: list[Attempt], run: Callable[[float], Attempt], cfg: PAGCPConfig) -> None:
@@ -481,7 +490,7 @@ def _bisect(attempts: list[Attempt], run: Callable[[float], Attempt], cfg: PAGCP
     it, until one lands inside the tolerance or the search budget is spent."""
     while len(attempts) < cfg.max_searches:
         reached = [a for a in attempts if not _short(a, cfg)]
-        if not reached or any(abs(a.keep - cfg.macs_target) <= cfg.macs_tolerance for a in reached):
+        if not reached or any(abs(a.keep - cfg.target) <= cfg.macs_tolerance for a in reached):
             return
         high = min(a.delta0 for a in reached)
         shorter = [a.delta0 for a in attempts if _short(a, cfg) and a.delta0 < high]
@@ -493,7 +502,7 @@ def _bisect(attempts: list[Attempt], run: Callable[[float], Attempt], cfg: PAGCP
 def target_attempts(run: Callable[[float], Attempt], cfg: PAGCPConfig, bound: Bound) -> list[Attempt]:
     """The user's delta0, then (with a MACs target that it misses) larger ones up to tau - 1, then bisection."""
     attempts = [run(cfg.delta0)]
-    if cfg.macs_target is None:
+    if cfg.target is None:
         return attempts
     for delta0 in delta0_ladder(cfg, bound):
         if not _short(attempts[-1], cfg):
@@ -507,20 +516,21 @@ def _pick(attempts: list[Attempt], cfg: PAGCPConfig) -> Attempt:
     """The attempt reaching the target with the most MACs kept (least overshoot), else the one pruning most;
     without a target, the only one."""
     reached = [a for a in attempts if not _short(a, cfg)]
-    if cfg.macs_target is None:
+    if cfg.target is None:
         return attempts[0]
     return max(reached, key=lambda a: (a.keep, -a.delta0)) if reached else min(attempts, key=lambda a: a.keep)
 
 
 def _taus_to_try(cfg: PAGCPConfig) -> list[float]:
     """The user's tau, then (with max_tau) up to three geometric steps to max_tau."""
-    if cfg.max_tau is None or cfg.macs_target is None or cfg.max_tau <= cfg.tau:
+    if cfg.max_tau is None or cfg.target is None or cfg.max_tau <= cfg.tau:
         return [cfg.tau]
     steps = 3
     return [cfg.tau * (cfg.max_tau / cfg.tau) ** (i / steps) for i in range(steps + 1)]
 
 
-def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, macs_original: int) -> Round:
+def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, macs_original: float,
+              meter: Meter) -> Round:
     """One PAGCP round on `model` (left untouched): search, select, land on the target, hold the bound."""
     example = ctx.example_inputs
     probe_model = copy.deepcopy(model).eval()
@@ -534,19 +544,19 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
     for tau in _taus_to_try(cfg):
         bound = make_bound(cfg, oracle.tasks, tau)
         run = lambda d0, b=bound: _attempt(model, units, cfg, d0, b, reference, oracle, example,  # noqa: E731
-                                           cache, macs_original, ctx.progress)
+                                           cache, macs_original, ctx.progress, meter)
         attempts += target_attempts(run, cfg, bound)
         if not _short(_pick(attempts, cfg), cfg):
             break
     chosen = _pick(attempts, cfg)
     removals, trimmed = removals_of(chosen.kept), False
-    if cfg.macs_target is not None and chosen.keep < cfg.macs_target - cfg.macs_tolerance:
-        removals = trim_to_target(model, chosen.kept, cfg.macs_target + cfg.macs_tolerance, macs_original,
-                                  example, cfg)
+    if cfg.target is not None and chosen.keep < cfg.target - cfg.macs_tolerance:
+        removals = trim_to_target(model, chosen.kept, cfg.target + cfg.macs_tolerance, macs_original,
+                                  example, cfg, meter)
         trimmed = True
     bound = make_bound(cfg, oracle.tasks, chosen.tau)
     selection = hold_bound(model, removals, chosen.search.logs, bound, reference, oracle, example, cfg,
-                           ctx.finalize)
+                           ctx.finalize, meter)
     return Round(attempts, chosen, selection, trimmed, macs_entry)
 
 
@@ -567,13 +577,13 @@ def plan(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> dict[str, Any]:
     graph = build_graph(model, ctx.example_inputs, cfg.ignore)
     units, left_alone = [], []
     for u in graph.units:
-        removals = candidate_removals(u, cfg.step, cfg.round_to)
+        removals = candidate_removals(u, cfg.step, cfg.width_multiple)
         units.append({"name": u.name, "kind": u.kind, "channels": u.channels, "members": u.members,
                       "consumers": u.consumers, "channel_groups": u.chunks,
                       "candidate_widths": [u.channels - n for n in removals]})
         if not removals:
             left_alone.append({"name": u.name, "reason": f"{u.channels} channels: narrower than 2 x round_to "
-                                                         f"({2 * cfg.round_to})"})
+                                                         f"({2 * cfg.width_multiple})"})
     return {"units": units, "heads": graph.heads, "ignored": graph.ignored,
             "skipped": graph.skipped + left_alone, "ignore_patterns": list(cfg.ignore)}
 
@@ -600,11 +610,11 @@ def _ship_round(model: nn.Module, outcome: Round, example: torch.Tensor, cfg: PA
 
 def _target_state(keep: float, cfg: PAGCPConfig) -> str | None:
     """"met", "short" (kept more MACs than allowed) or "overshoot" (removed more than asked); None: no target."""
-    if cfg.macs_target is None:
+    if cfg.target is None:
         return None
-    if keep > cfg.macs_target + cfg.macs_tolerance:
+    if keep > cfg.target + cfg.macs_tolerance:
         return "short"
-    return "overshoot" if keep < cfg.macs_target - cfg.macs_tolerance else "met"
+    return "overshoot" if keep < cfg.target - cfg.macs_tolerance else "met"
 
 
 def apply(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> Result:
@@ -614,7 +624,10 @@ def apply(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> Result:
     oracle = _oracle(cfg, ctx)
     model.eval()
     original_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    params_before, macs_original = count_params(model).total, count_macs(model, example).macs
+    meter = (pricing.latency_meter(model, example, cfg.backend, cfg.latency_batch) if cfg.latency_target is not None
+             else pricing.macs_meter(example))
+    params_before, macs_original = count_params(model).total, meter.cost(model)
+    macs_before = count_macs(model, example).macs
     losses_original = oracle.losses(model)
     reference_model, rows, rounds = None, [], []
     for index in range(_round_limit(cfg)):
@@ -622,13 +635,14 @@ def apply(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> Result:
             _between_rounds(model, cfg, ctx)
             reference_model = copy.deepcopy(model)
         entry_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-        outcome = run_round(model, cfg, ctx, oracle, macs_original)
+        outcome = run_round(model, cfg, ctx, oracle, macs_original, meter)
         _ship_round(model, outcome, example, cfg)
         rows += _rows(model, outcome, entry_shapes, index + 1)
         rounds.append(_round_summary(outcome, macs_original, oracle.names, index + 1))
         if not outcome.selection.removals or _target_state(rounds[-1]["macs_keep"], cfg) in ("met", "overshoot"):
             break
-    summary = _summary(model, cfg, oracle, rounds, example, params_before, macs_original, losses_original)
+    summary = _summary(model, cfg, oracle, rounds, example, params_before, (macs_before, macs_original, meter),
+                       losses_original)
     summary.update(_unit_counts(outcome))
     summary["search_seconds"] = round(time.perf_counter() - started, 3)
     transform = channel_transform(model, original_shapes)
@@ -653,11 +667,13 @@ def _round_summary(outcome: Round, macs_original: int, names: list[str], index: 
 
 
 def _summary(model: nn.Module, cfg: PAGCPConfig, oracle: Oracle, rounds: list[dict[str, Any]],
-             example: torch.Tensor, params_before: int, macs_original: int,
+             example: torch.Tensor, params_before: int, costs: tuple[int, float, Meter],
              losses_original: np.ndarray) -> dict[str, Any]:
-    """The report's summary: MACs and params, every task's losses and the bound, the target's state."""
+    """The report's summary: MACs and params, every task's losses and the bound, the target's state (in the
+    meter's units: MACs, or predicted latency)."""
     names, last = oracle.names, rounds[-1]
-    macs_after = count_macs(model, example).macs
+    macs_original, cost_original, meter = costs
+    macs_after, kept = count_macs(model, example).macs, meter.cost(model) / cost_original
     final = np.array([last["losses_after"][n] for n in names])
     reference = np.array([last["losses_reference"][n] for n in names])
     tau_used = last["tau"]
@@ -674,11 +690,11 @@ def _summary(model: nn.Module, cfg: PAGCPConfig, oracle: Oracle, rounds: list[di
         "loss_ratios": loss_ratios(names, final, losses_original),
         "bound_reference": "original" if len(rounds) == 1 else f"the model entering round {len(rounds)}",
         "tau_bound_ok": not bool(bound.broken(final, reference).any()),
-        "keep": {"requested": cfg.macs_target, "achieved": macs_after / macs_original, "counted_over": "MACs"},
+        "keep": {"requested": cfg.target, "achieved": kept, "counted_over": meter.counted_over},
     }
-    if cfg.macs_target is not None:
-        state = _target_state(macs_after / macs_original, cfg)
-        summary.update(macs_target=cfg.macs_target, macs_tolerance=cfg.macs_tolerance, target_state=state,
+    if cfg.target is not None:
+        state = _target_state(kept, cfg)
+        summary.update(macs_target=cfg.target, macs_tolerance=cfg.macs_tolerance, target_state=state,
                        target_met=state == "met")
     return summary
 
@@ -722,26 +738,39 @@ def audit(result: Result, cfg: PAGCPConfig, shipped: nn.Module, original: nn.Mod
     """PAGCP's promises on the model that ships, recomputed with the run's own evaluation and MAC counter:
     every task's calibration loss within its bound of the reference, and the MACs target met from both sides."""
     outcome = AuditOutcome()
-    _audit_target(outcome, cfg, shipped, original, ctx.example_inputs, result.summary)
+    _audit_target(outcome, cfg, shipped, original, ctx, result.summary)
     if ctx.task_losses is not None and ctx.splits is not None:
         _audit_bound(outcome, cfg, shipped, result.reference or original, ctx, result.summary)
     return outcome
 
 
 def _audit_target(outcome: AuditOutcome, cfg: PAGCPConfig, shipped: nn.Module, original: nn.Module,
-                  example: torch.Tensor, summary: dict[str, Any]) -> None:
-    keep = count_macs(shipped, example).macs / count_macs(original, example).macs
-    outcome.figures["macs_keep"] = keep
+                  ctx: Context, summary: dict[str, Any]) -> None:
+    """The target from both sides, counted afresh on both models: MACs, or predicted latency (and then the
+    latency measured against the original, interleaved, on the priced backend)."""
+    example = ctx.example_inputs
+    if cfg.latency_target is not None:
+        meter = pricing.latency_meter(original, example, cfg.backend, cfg.latency_batch)
+        keep, what = meter.cost(shipped) / meter.cost(original), "of the original's predicted latency"
+        outcome.figures["latency_keep_predicted"] = keep
+        calibration = ctx.splits.calibration.x[:64] if ctx.splits is not None else example
+        problems, figures = pricing.audit_latency(shipped, original, example, calibration, cfg.backend,
+                                                  cfg.latency_batch, cfg.latency_target + cfg.macs_tolerance)
+        outcome.problems += problems
+        outcome.figures.update(figures)
+    else:
+        keep, what = count_macs(shipped, example).macs / count_macs(original, example).macs, "of the original MACs"
+        outcome.figures["macs_keep"] = keep
     state = _target_state(keep, cfg)
     if state == "short":
         tau = summary.get("tau_used", cfg.tau)
         outcome.problems.append(
-            f"kept {keep:.4f} of the original MACs, target {cfg.macs_target} ± {cfg.macs_tolerance}: that is as far "
+            f"kept {keep:.4f} {what}, target {cfg.target} ± {cfg.macs_tolerance}: that is as far "
             f"as the loss bound tau = {tau:g} allows in {len(summary.get('rounds', [])) or 1} round(s); raise `tau` "
             "(or allow `max_tau`), or prune in rounds with fine-tuning between them (`rounds` auto)")
     elif state == "overshoot":
         outcome.problems.append(
-            f"kept {keep:.4f} of the original MACs, below the target {cfg.macs_target} - {cfg.macs_tolerance}: "
+            f"kept {keep:.4f} {what}, below the target {cfg.target} - {cfg.macs_tolerance}: "
             "more was removed than asked (no unit could be cut finely enough); raise `macs_tolerance` or lower "
             "`round_to`")
 
