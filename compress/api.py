@@ -88,15 +88,17 @@ def train_model(source: ModelSource, cfg: FinetuneConfig, options: RunOptions, *
 
 
 def measure(source: ModelSource, baseline: ModelSource | None, options: RunOptions,
-            settings: LatencySettings | None = None) -> dict[str, Any]:
+            settings: LatencySettings | None = None, *, layer_table: bool = True) -> dict[str, Any]:
     """Measure a model, beside a baseline when there is one, and write the report into `options.out`.
 
     Parameters (total, nonzero, buffers), MACs and FLOPs (cross-checked against Torch-Pruning's counter),
     bytes of every format, and latency on every backend in `settings` (default: all this machine has, batch 1
-    and 32). Without `baseline`, a compress run is compared with the model its manifest names. Returns the report.
+    and 32). Without `baseline`, a compress run is compared with the model its manifest names. With `layer_table`,
+    also where the time goes: the slowest layers on each backend and batch, with their share of the time and of
+    the MACs (`layer_latency`). Returns the report.
     """
     settings = settings or LatencySettings()
-    stages = (Load(), MeasureAgainst(settings, baseline))
+    stages = (Load(), MeasureAgainst(settings, baseline, layer_table))
     return run_pipeline(Pipeline("measure", dataclasses.asdict(settings), stages), source, options)
 
 

@@ -628,6 +628,10 @@ def measure(
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
     input_shape: Annotated[str | None, typer.Option(help="C,H,W to measure at (e.g. 3,224,224); data are resized. "
                                                     "Default: the data set's.")] = None,
+    layer_table: Annotated[bool, typer.Option("--layer-table/--no-layer-table", help="Where the time goes: the "
+                                              "slowest layers on every backend and batch, with their share of the "
+                                              "time and of the MACs (ONNX Runtime's profiler; hooks on PyTorch).")
+                           ] = True,
     weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
     verify: VerifyOpt = True, data: DataOpt = None,
     seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
@@ -648,7 +652,7 @@ def measure(
                                  trust_pickle=trust_pickle, verify=verify)
         reference = api.ModelSource(spec=baseline, trust_pickle=trust_pickle, verify=verify) if baseline else None
         options = api.RunOptions(out=_default_out("measure", out), data=data, seed=seed, force=force)
-        return api.measure(source, reference, options, settings)
+        return api.measure(source, reference, options, settings, layer_table=layer_table)
 
     report = session.run(go)
     for warning in report.get("warnings", []):

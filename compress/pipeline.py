@@ -18,6 +18,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,6 +36,7 @@ from compress.finetune import Evaluation, default_device, evaluate, evaluate_tas
 from compress.measure import count_macs, count_params, measure_latency_pair, model_sizes
 from compress.measure.backends import LatencySettings, measure_backends
 from compress.measure.conditions import environment
+from compress.measure.layer_times import measure_layer_times
 from compress.methods import Context, Result, method_for_config
 from compress.methods.base import AuditOutcome
 from compress.models import LoadedModel, load_model
@@ -445,8 +447,9 @@ def measurement_data(splits: Splits, input_shape: tuple[int, ...] | None) -> tup
 
 
 def measure_into(report: dict[str, Any], candidate: nn.Module, baseline: nn.Module | None, inputs: torch.Tensor,
-                 calibration: torch.Tensor, options: RunOptions) -> None:
-    """The report's latency rows, and with `options.measure` every backend and the bytes of every format."""
+                 calibration: torch.Tensor, options: RunOptions, workdir: Path | None = None) -> None:
+    """The report's latency rows, and with `options.measure` every backend and the bytes of every format; the files
+    timed go under `workdir` when given (else a temporary directory)."""
     example = inputs[:1]
     if options.measure is None:
         if options.latency and baseline is not None:
@@ -454,7 +457,8 @@ def measure_into(report: dict[str, Any], candidate: nn.Module, baseline: nn.Modu
                                                       threads=options.latency_threads,
                                                       runs=options.latency_runs).to_dict()]
         return
-    with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
+    folder = tempfile.TemporaryDirectory(prefix="compress-latency-") if workdir is None else nullcontext(str(workdir))
+    with folder as tmp:
         rows = measure_backends(candidate, baseline if baseline is not None else candidate, inputs, calibration,
                                 options.measure, Path(tmp))
     report["latency"] = [row.to_dict() for row in rows]
@@ -494,6 +498,7 @@ class MeasureAgainst(Stage):
 
     settings: LatencySettings
     baseline: ModelSource | None = None
+    layer_table: bool = True  # per-layer latency (the top layers by time) on every backend and batch
 
     name: ClassVar[str] = "measure"
 
@@ -511,7 +516,11 @@ class MeasureAgainst(Stage):
             report["model"]["after"] = describe_model(candidate, inputs[:1], cross_check=True)
             if reference is not None:
                 report["model"]["before"] = describe_model(reference, inputs[:1], cross_check=True)
-            measure_into(report, candidate, reference, inputs, calibration, options)
+            with tempfile.TemporaryDirectory(prefix="compress-latency-") as tmp:
+                measure_into(report, candidate, reference, inputs, calibration, options, Path(tmp))
+                if self.layer_table:  # profiles the files just timed, in the same folder
+                    tables = measure_layer_times(candidate, reference, inputs, calibration, self.settings, Path(tmp))
+                    report["layer_latency"] = [table.to_dict() for table in tables]
 
         report["warnings"] = _captured_warnings(describe_all)
         return state

@@ -170,3 +170,42 @@ def verify_metric_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     """(task, metric, figure, recorded, measured, tolerance, status) rows of a verify report."""
     return [(m["task"], m["metric"], m["stage"], num(m["recorded"], 4), num(m["measured"], 4), f"{m['tolerance']:g}",
              "ok" if m["ok"] else "DIFFERS") for m in report.get("metrics", [])]
+
+
+LAYER_LATENCY_COLUMNS = ("layer", "op", "ms", "time share", "MACs share")
+MODEL_LABELS = {"candidate": "the model", "baseline": "the original"}
+
+
+def _unprofiled_ms(report: dict[str, Any], entry: dict[str, Any]) -> float | None:
+    """The latency table's p50 for the entry's backend, batch and model (timed without profiler or hooks)."""
+    key = "p50_ms" if entry.get("model") == "candidate" else "baseline_p50_ms"
+    return next((row.get(key) for row in report.get("latency", [])
+                 if row.get("backend") == entry["backend"] and row.get("batch") == entry["batch"]), None)
+
+
+def layer_latency_title(report: dict[str, Any], entry: dict[str, Any], *, model: bool = True) -> str:
+    """`onnxruntime-cpu · batch 1 · the model: 0.248 ms profiled (0.185 ms unprofiled)`; the unprofiled time is
+    the latency table's p50 for the same backend, batch and model, when it has one."""
+    plain = _unprofiled_ms(report, entry)
+    who = f" · {MODEL_LABELS.get(entry.get('model'), '?')}" if model else ""
+    return (f"{backend_label(entry)} · batch {entry['batch']}{who}: {num(entry['total_ms'], 3)} ms profiled"
+            + (f" ({num(plain, 3)} ms unprofiled)" if plain is not None else ""))
+
+
+def layer_latency_rows(entry: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """The columns and rows of one per-layer latency table: the top layers, everything else, the remainder.
+
+    An "original ms" column follows when the entry carries the baseline's time of the same layers.
+    """
+    layers = entry.get("layers", [])
+    compared = any("baseline_ms" in row for row in layers)
+    blank = ("",) if compared else ()
+    rows = [(row["name"], row["op"], num(row["ms"], 3), pct(row["time_share"], 1), pct(row["macs_share"], 1),
+             *((num(row.get("baseline_ms"), 3),) if compared else ())) for row in layers]
+    other, rest = entry["other"], entry["unattributed"]
+    if other["layers"]:
+        rows.append((f"everything else ({other['layers']} layers)", "", num(other["ms"], 3),
+                     pct(other["time_share"], 1), pct(other["macs_share"], 1), *blank))
+    rows.append(("unattributed (overhead)", "", num(rest["ms"], 3), pct(rest["time_share"], 1),
+                 pct(rest["macs_share"], 1), *blank))
+    return LAYER_LATENCY_COLUMNS + (("original ms",) if compared else ()), rows

@@ -9,9 +9,22 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 from compress.methods.base import sections_for
-from compress.report.format import (backend_label, budget_line, bytes_label, export_rows, latency_rows, layer_kind,
-                                    layer_table, mobile_lines, model_rows, num, task_rows)
-from compress.report.markdown import SPARSE_NOTE
+from compress.report.format import (
+    backend_label,
+    budget_line,
+    bytes_label,
+    export_rows,
+    latency_rows,
+    layer_kind,
+    layer_latency_rows,
+    layer_latency_title,
+    layer_table,
+    mobile_lines,
+    model_rows,
+    num,
+    task_rows,
+)
+from compress.report.markdown import LAYER_LATENCY_NOTE, SPARSE_NOTE
 
 if TYPE_CHECKING:  # matplotlib is imported on first use: the CLI starts without it
     from matplotlib.axes import Axes
@@ -24,6 +37,7 @@ STYLE = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;margin:0;background:#f6f8fa}
 main{max-width:1040px;margin:0 auto;padding:24px 28px;background:#fff}h1{font-size:26px;margin:0 0 8px}
 h2{font-size:19px;margin:30px 0 10px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+h3{font-size:15px;margin:20px 0 6px}
 code{font:13px ui-monospace,SFMono-Regular,Menlo,monospace;background:#f6f8fa;padding:1px 4px;overflow-wrap:anywhere}
 .scroll{overflow-x:auto;margin:8px 0}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right}th{background:#f6f8fa;text-align:center}
@@ -253,6 +267,42 @@ def _latency(report: dict[str, Any]) -> str:
                     'informational, the ratio is the result. "(proxy)" marks a stand-in for the device itself.</p>')
 
 
+PANELS = 2  # per-layer latency charts side by side in one image
+
+
+def _layer_latency_chart(entries: Sequence[dict[str, Any]]) -> Figure:
+    """One panel per entry (a batch size): each shown layer's share of the profiled time beside its MACs share."""
+    rows = max(len(entry["layers"]) + 2 for entry in entries)
+    fig, axes = _figure(10.0, 1.2 + 0.34 * rows, len(entries))
+    for ax, entry in zip(axes, entries):
+        other, rest = entry["other"], entry["unattributed"]
+        shown = [*entry["layers"], *([{"name": f"everything else ({other['layers']})", **other}]
+                                     if other["layers"] else []), {"name": "unattributed", **rest}]
+        _hbars(ax, [r["name"] for r in shown], [("time", [100 * r["time_share"] for r in shown], AFTER),
+                                               ("MACs", [100 * r["macs_share"] for r in shown], BEFORE)],
+               f"batch {entry['batch']}: share of time and of MACs (%)", lambda v: f"{v:.1f}")
+    return fig
+
+
+def _layer_latency(report: dict[str, Any]) -> str:
+    """Where the time goes: per backend a chart of the model's slowest layers, then per batch the tables of the
+    model and of the original."""
+    entries = report.get("layer_latency") or []
+    if not entries:
+        return ""
+    body = f'<p class="note">{_e(LAYER_LATENCY_NOTE)}</p>'
+    for backend in dict.fromkeys(entry["backend"] for entry in entries):
+        mine = [entry for entry in entries if entry["backend"] == backend]
+        body += f"<h3>{_e(backend_label(mine[0]))}</h3>"
+        candidates = [entry for entry in mine if entry.get("model") == "candidate"]
+        for i in range(0, len(candidates), PANELS):
+            body += _img(_layer_latency_chart(candidates[i:i + PANELS]), f"time and MACs share per layer on {backend}")
+        for entry in mine:
+            columns, rows = layer_latency_rows(entry)
+            body += f'<p class="nw">{_e(layer_latency_title(report, entry))}</p>' + _table(columns, rows)
+    return _section("layer-latency", "Where the time goes (per layer)", body)
+
+
 def _value(value: Any, nested: bool = False) -> str:
     """A compact text of a nested value: `k: v; k: (k: v, k: v)` for dicts, comma-joined lists."""
     if isinstance(value, dict):
@@ -316,7 +366,8 @@ def _method_sections(report: dict[str, Any]) -> str:
 
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained HTML page (inline CSS and PNG plots, no external resources) for one report.json."""
-    parts = [_header(report), _tasks(report), _method_sections(report), _layers(report), _size(report), _latency(report), _export(report),
+    parts = [_header(report), _tasks(report), _method_sections(report), _layers(report), _size(report), _latency(report),
+             _layer_latency(report), _export(report),
              _conditions(report)]
     title = _e(f"compress report: {report.get('method', '?')}")
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'

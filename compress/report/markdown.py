@@ -5,8 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from compress.methods.base import sections_for
-from compress.report.format import (budget_line, export_rows, latency_rows, layer_table, mobile_lines, model_rows, num,
-                                    task_rows)
+from compress.report.format import (
+    budget_line,
+    export_rows,
+    latency_rows,
+    layer_latency_rows,
+    layer_latency_title,
+    layer_table,
+    mobile_lines,
+    model_rows,
+    num,
+    task_rows,
+)
 
 SPARSE_NOTE = ("Unstructured sparsity makes the file smaller and can raise accuracy per byte; dense runtimes "
                "execute the same MACs, so expect size and accuracy changes only, no dense speed-up.")
@@ -15,6 +25,15 @@ SPARSE_NOTE = ("Unstructured sparsity makes the file smaller and can raise accur
 PROXY_NOTE = ("The mobile proxy is a static-shape int8 (QDQ) model in ORT format for arm, run by ONNX Runtime's CPU "
               "provider on one thread of this machine: it shows how the phone build's graph behaves, not a phone's "
               "speed.")
+
+LAYER_LATENCY_NOTE = ("Each row is a module of the model: its median time over the profiled runs, its share of the "
+                      "run's time (all rows together) and its own share of the model's MACs. On ONNX Runtime the "
+                      "times come from its profiler, a fused node (a Conv with its BatchNorm and ReLU) and the int8 "
+                      "Q/DQ nodes counted with the layer they came from; on PyTorch from forward hooks, each "
+                      "module's own time without its children's. \"unattributed\" is what no layer accounts for (the "
+                      "runtime's executor and allocations, call overhead). Profiling adds a few microseconds per "
+                      "node or module, so a profiled run is slower than the latency table's, most at batch 1: "
+                      "compare shares rather than absolute times.")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
@@ -26,7 +45,8 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable report: outcome, accuracy, size and cost, latency, per-layer audit, conditions."""
-    sections = (_summary, _accuracy, _size, _latency, _export, _finetune, _method_sections, _layers, _conditions)
+    sections = (_summary, _accuracy, _size, _latency, _layer_latency, _export, _finetune, _method_sections, _layers,
+                _conditions)
     return "\n".join(line for section in sections for line in section(report))
 
 
@@ -71,6 +91,18 @@ def _latency(report: dict[str, Any]) -> list[str]:
                          "speed-up [p25, p75]"), latency_rows(report))
     if any(r.get("proxy") or r.get("backend") == "mobile-proxy" for r in report.get("latency", [])):
         lines += [PROXY_NOTE, ""]
+    return lines
+
+
+def _layer_latency(report: dict[str, Any]) -> list[str]:
+    """Where the time goes: the slowest layers per backend, batch and model, when they were profiled."""
+    entries = report.get("layer_latency") or []
+    if not entries:
+        return []
+    lines = ["## Where the time goes (per layer)", "", LAYER_LATENCY_NOTE, ""]
+    for entry in entries:
+        columns, rows = layer_latency_rows(entry)
+        lines += [f"### {layer_latency_title(report, entry)}", ""] + _table(columns, rows)
     return lines
 
 

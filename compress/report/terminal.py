@@ -11,6 +11,8 @@ from compress.report.format import (
     budget_line,
     export_rows,
     latency_rows,
+    layer_latency_rows,
+    layer_latency_title,
     layer_table,
     model_rows,
     task_rows,
@@ -47,6 +49,7 @@ def print_summary(report: dict[str, Any], console: Console, *, layers: bool = Tr
     if report.get("latency"):
         console.print(_table("Latency (interleaved with the original)", ("backend", "batch", "threads", "runs",
                              "p50 ms", "p90 ms", "original p50 ms", "speed-up [p25, p75]"), latency_rows(report)))
+    print_layer_latency(report, console)
     if report.get("export"):
         console.print(_table("Export (checked against PyTorch)", ("format", "file", "bytes", "verified", "max abs",
                              "cosine", "top-1 agreement", "test accuracy"), export_rows(report)))
@@ -56,6 +59,16 @@ def print_summary(report: dict[str, Any], console: Console, *, layers: bool = Tr
     for problem in report.get("audit", {}).get("problems", []):
         console.print(f"[bold red]audit:[/] {problem}")
     console.print(f"status: [bold]{report.get('status')}[/]  output: {report.get('out')}")
+
+
+def print_layer_latency(report: dict[str, Any], console: Console) -> None:
+    """Where the time goes: the measured model's slowest layers per backend and batch (the original's in
+    report.md and report.html; here as a column beside each of the model's layers)."""
+    for entry in report.get("layer_latency", []):
+        if entry.get("model") == "candidate":
+            columns, rows = layer_latency_rows(entry)
+            title = layer_latency_title(report, entry, model=False)
+            console.print(_table(f"Where the time goes, {title}", columns, rows))
 
 
 def print_verify(report: dict[str, Any], console: Console) -> None:
