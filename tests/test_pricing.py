@@ -154,3 +154,33 @@ def test_keep_and_latency_keep_together_the_first_to_bind_wins():
     assert predicted_ms(model, prices) <= 0.9 * predicted_ms(wide(), prices)
     _, loose = priced(ALDSConfig(latency_keep=0.4, keep=0.95, seeds=3, rounds=2), prices)
     assert loose.sections["latency_target"]["predicted"] <= 0.4 + 1e-9  # the latency budget binds there
+
+
+# ------------------------------------------------------------------------------ the real table, the real backend
+
+@pytest.mark.slow
+def test_decomposed_layers_run_no_slower_than_dense_on_the_backend_they_were_priced_for(tmp_path, monkeypatch):
+    """ALDS at keep 0.5 with every choice priced on ONNX Runtime (batch 1): each decomposed layer, timed inside the
+    shipped model by ONNX Runtime's own profiler (not by the cost table), takes at most its dense time in the
+    original, timed the same way in the same rounds. Tolerance: 15%, plus 5 us for the profiler's overhead on the
+    extra node (it adds a few us per node at batch 1)."""
+    from compress.measure.backends import LatencySettings
+    from compress.measure.layer_times import measure_layer_times
+    from compress.models import load_model
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "costs"))
+    torch.manual_seed(0)
+    original = load_model("rescnn").model.eval()
+    inputs = torch.randn(8, 1, 28, 28)
+    model = copy.deepcopy(original)
+    result = run_alds(model, ALDSConfig(keep=0.5, latency_keep=1.0, seeds=4, rounds=2), Context(inputs[:1], seed=0))
+    decomposed = [r["name"] for r in result.layers if r["decomposed"]]
+    assert decomposed
+    settings = LatencySettings(backends=("onnxruntime-cpu",), batches=(1,), threads=1, runs=10)
+    tables = measure_layer_times(model, original, inputs, inputs, settings, tmp_path / "profile", top=1000)
+    shipped = {row.name: row.ms for row in next(t for t in tables if t.model == "candidate").layers}
+    dense = {row.name: row.ms for row in next(t for t in tables if t.model == "baseline").layers}
+    for name in decomposed:
+        parts = sum(ms for layer, ms in shipped.items() if layer.startswith(f"{name}."))
+        assert parts > 0, (name, sorted(shipped))
+        assert parts <= 1.15 * dense[name] + 0.005, (name, parts, dense[name])
