@@ -72,6 +72,7 @@ def latency_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 PRUNING_COLUMNS = ("name", "kind", "shape", "weights", "kept", "sparsity", "floor", "floor hit")
 LOWRANK_COLUMNS = ("name", "kind", "shape", "groups k", "rank j", "params before", "params after", "MACs after/before",
                    "ε bound", "error (spectral)", "error (Frobenius)")
+PRICED_COLUMNS = ("dense ms", "predicted ms", "measured ms")
 CHANNEL_COLUMNS = ("order", "unit", "channels before", "channels after", "ratio", "MACs contribution", "δ_i",
                    "vetoed by", "loss ratios at the chosen ratio", "flags")
 
@@ -99,6 +100,17 @@ def _channel_row(row: dict[str, Any]) -> tuple[str, ...]:
             ", ".join(flags))
 
 
+def _lowrank_row(row: dict[str, Any], priced: bool) -> tuple[str, ...]:
+    """One layer of a low-rank decomposition: its (k, j), sizes, error bound and true errors, and with a latency
+    budget its dense, predicted and measured time on the priced backend."""
+    cells = (row["name"], row["kind"], _shape(row["shape_after"]), num(row["groups"]), num(row["rank"]),
+             num(row["params_before"]), num(row["params_after"]), ratio(row["macs_after"], row["macs_before"]),
+             num(row["eps_bound"], 4), num(row["err_spectral"], 4), num(row["err_frobenius"], 4))
+    if not priced:
+        return cells
+    return cells + tuple(num(row.get(key), 4) for key in ("dense_ms", "predicted_ms", "measured_ms"))
+
+
 def layer_table(report: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     """Per-layer audit: the pruning columns (GlobalMP), the low-rank columns (ALDS, SVD) or the channel columns."""
     layers, kind = report.get("layers") or [], layer_kind(report)
@@ -107,10 +119,8 @@ def layer_table(report: dict[str, Any]) -> tuple[tuple[str, ...], list[tuple[str
                                   num(row["kept"]), pct(row["sparsity"]), num(row["floor"]),
                                   "yes" if row["floor_hit"] else "") for row in layers if "weights" in row]
     if kind == "lowrank":
-        return LOWRANK_COLUMNS, [(row["name"], row["kind"], _shape(row["shape_after"]), num(row["groups"]),
-                                  num(row["rank"]), num(row["params_before"]), num(row["params_after"]),
-                                  ratio(row["macs_after"], row["macs_before"]), num(row["eps_bound"], 4),
-                                  num(row["err_spectral"], 4), num(row["err_frobenius"], 4)) for row in layers]
+        priced = any("dense_ms" in row for row in layers)
+        return LOWRANK_COLUMNS + (PRICED_COLUMNS if priced else ()), [_lowrank_row(row, priced) for row in layers]
     if kind == "channels":
         ordered = sorted((row for row in layers if "channels_before" in row),
                          key=lambda r: (r.get("round", 1), r.get("order", 0)))
@@ -131,7 +141,14 @@ def budget_line(report: dict[str, Any]) -> str | None:
                 f"achieved {pct(s['achieved'], 3)}")
     if report.get("keep"):
         k = report["keep"]
-        return f"kept of {k['counted_over']}: requested {pct(k['requested'], 3)}, achieved {pct(k['achieved'], 3)}"
+        line = f"kept of {k['counted_over']}: requested {pct(k['requested'], 3)}, achieved {pct(k['achieved'], 3)}"
+        for other in (report.get("summary") or {}).get("also") or []:
+            line += (f"; and of {other['counted_over']}: requested {pct(other['requested'], 3)}, achieved "
+                     f"{pct(other['achieved'], 3)}")
+        measured = ((report.get("audit") or {}).get("figures") or {}).get("latency_measured")
+        if measured is not None:
+            line += f"; latency measured against the original: {pct(measured, 3)}"
+        return line
     return None
 
 
