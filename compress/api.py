@@ -145,7 +145,7 @@ def plan(source: ModelSource, method_cfg: ConfigBase, options: RunOptions) -> di
                          f"(methods with one: {with_plans})")
     seed_everything(options.seed)
     loaded = source.load()
-    splits = load_data_for(loaded, options.data, options.seed)
+    splits = load_data_for(loaded, options.data, options.seed, options.input_shape)
     model = loaded.model.cpu().eval()
     listing = spec.plan(model, method_cfg, Context(splits.test.x[:1], splits, tasks=splits.tasks))
     return dry_run_report(command=options.command, method=spec.name, config=method_cfg.to_dict(),

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -84,9 +85,51 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print only the JSON repor
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No summary tables.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch intra-op threads for the run.")]
+ShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="C,H,W the model takes (e.g. 3,48,48); the data "
+                     "are brought to it (gray repeated to 3 channels, bilinear resize) and the run records it. "
+                     "Default: the run's recorded shape, else the data's (a torchvision model that cannot run "
+                     "there gets the smallest square input it runs at).")]
 VerifyOpt = Annotated[bool, typer.Option("--verify/--no-verify", help="Check a run directory's files against the "
                       "sha256 in its manifest.json before loading it (exit 5 when one differs); --no-verify loads it "
                       "unchecked.")]
+
+
+PLAIN_PROGRESS_S = 30.0
+
+
+def _plain_progress(err: Console) -> Callable[[str, int, int], None]:
+    """A progress callback printing `step: done/total (elapsed)` when 30 s have passed since the last line."""
+    started = last = time.monotonic()
+
+    def update(description: str, done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= PLAIN_PROGRESS_S:
+            last = now
+            err.print(f"{description}: {done}/{total} ({now - started:.0f} s)", highlight=False, soft_wrap=True)
+
+    return update
+
+
+class _NoteHandler(logging.Handler):
+    """compress's own notes (`logging.getLogger("compress")`) as `note: ...` lines on stderr."""
+
+    def __init__(self, err: Console) -> None:
+        super().__init__(logging.INFO)
+        self.err = err
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.err.print(f"note: {record.getMessage()}", highlight=False, soft_wrap=True)
+
+
+def _show_notes(err: Console, silent: bool) -> None:
+    """Route compress's notes to this command's stderr (none with --quiet or --json)."""
+    logger = logging.getLogger("compress")
+    logger.handlers = [h for h in logger.handlers if not isinstance(h, _NoteHandler)]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    if not silent:
+        logger.addHandler(_NoteHandler(err))
 
 
 class Session:
@@ -98,6 +141,7 @@ class Session:
         self.out = Console(no_color=bool(os.environ.get("NO_COLOR")) or None,
                            width=None if sys.stdout.isatty() else 132)
         self.err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
+        _show_notes(self.err, quiet or as_json)
 
     @property
     def show_progress(self) -> bool:
@@ -105,9 +149,13 @@ class Session:
 
     @contextmanager
     def progress(self) -> Iterator[Callable[[str, int, int], None] | None]:
-        """A progress callback drawing a bar on stderr, or None when bars are hidden."""
-        if not self.show_progress:
+        """A progress callback drawing a bar on stderr at a terminal; elsewhere (CI, a log) a plain line at most
+        every PLAIN_PROGRESS_S seconds, so that a long step never looks hung; None with --quiet or --json."""
+        if self.quiet or self.as_json:
             yield None
+            return
+        if not self.show_progress:
+            yield _plain_progress(self.err)
             return
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=self.err, transient=True) as bar:
@@ -212,7 +260,7 @@ DEFAULT_METHOD = "globalmp"
 
 def _prune_options(
     model: ModelOpt = None, weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
-    verify: VerifyOpt = True, data: DataOpt = None, seed: SeedOpt = 0,
+    verify: VerifyOpt = True, data: DataOpt = None, seed: SeedOpt = 0, input_shape: ShapeOpt = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (see recipes/); options given here override "
                                                 "it.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="PAGCP: list the units (channels, coupled members) and "
@@ -423,8 +471,10 @@ def _prune(ctx: typer.Context, opts: SimpleNamespace, session: Session) -> dict[
                              num_classes=opts.num_classes, trust_pickle=opts.trust_pickle, verify=opts.verify)
     out = _default_out("prune", opts.out)
     if opts.dry_run:
-        return api.plan(source, cfg, api.RunOptions(out=out, data=pick["data"], seed=pick["seed"]))
+        return api.plan(source, cfg, api.RunOptions(out=out, data=pick["data"], seed=pick["seed"],
+                                                    input_shape=_shape(opts.input_shape)))
     options = api.RunOptions(out=out, data=pick["data"], seed=pick["seed"], force=opts.force, latency=opts.latency,
+                             input_shape=_shape(opts.input_shape),
                              recalibrate_bn=opts.bn_recalibrate,
                              measure=api.LatencySettings() if opts.measure else None,
                              export=_export_settings(opts.export, opts.int8, opts.static_shapes))
@@ -557,7 +607,7 @@ def finetune(
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.03,
     teacher: Annotated[str | None, typer.Option(help="Model spec to distil from (e.g. the original).")] = None,
     weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
-    verify: VerifyOpt = True, data: DataOpt = None,
+    verify: VerifyOpt = True, data: DataOpt = None, input_shape: ShapeOpt = None,
     seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     debug: DebugOpt = False, threads: ThreadsOpt = None,
 ) -> None:
@@ -573,7 +623,8 @@ def finetune(
         source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
                                  trust_pickle=trust_pickle, verify=verify)
         teacher_source = api.ModelSource(spec=teacher, trust_pickle=trust_pickle, verify=verify) if teacher else None
-        options = api.RunOptions(out=_default_out("finetune", out), data=data, seed=seed, force=force, latency=False)
+        options = api.RunOptions(out=_default_out("finetune", out), data=data, seed=seed, force=force, latency=False,
+                                 input_shape=_shape(input_shape))
         with session.progress() as progress:
             return api.finetune(source, cfg, options, teacher_source, progress)
 
@@ -590,7 +641,8 @@ def train(
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps.")] = 200,
     install_baseline: Annotated[bool, typer.Option(help="Also install the result as the shipped baseline of a "
                                                    "built-in model.")] = False,
-    num_classes: ClassesOpt = None, data: DataOpt = None, seed: SeedOpt = 0, out: OutOpt = None,
+    num_classes: ClassesOpt = None, data: DataOpt = None, input_shape: ShapeOpt = None, seed: SeedOpt = 0,
+    out: OutOpt = None,
     force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -609,7 +661,8 @@ def train(
         # a built-in name alone would load its shipped weights; training starts from random ones
         source = api.ModelSource(spec=spec, num_classes=num_classes or 10) if ":" not in spec else \
             api.ModelSource(spec=spec, num_classes=num_classes)
-        options = api.RunOptions(out=_default_out("train", out), data=data, seed=seed, force=force, latency=False)
+        options = api.RunOptions(out=_default_out("train", out), data=data, seed=seed, force=force, latency=False,
+                                 input_shape=_shape(input_shape))
         with session.progress() as progress:
             return api.train_model(source, cfg, options, install_baseline=install_baseline, progress=progress)
 
@@ -626,8 +679,7 @@ def measure(
     batch: Annotated[list[int] | None, typer.Option(help="Batch sizes (repeat). Default: 1 and 32.")] = None,
     runs: Annotated[int, typer.Option(help="Timed runs per backend and batch, after warm-up.")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 3,
-    input_shape: Annotated[str | None, typer.Option(help="C,H,W to measure at (e.g. 3,224,224); data are resized. "
-                                                    "Default: the data set's.")] = None,
+    input_shape: ShapeOpt = None,
     layer_table: Annotated[bool, typer.Option("--layer-table/--no-layer-table", help="Where the time goes: the "
                                               "slowest layers on every backend and batch, with their share of the "
                                               "time and of the MACs (ONNX Runtime's profiler; hooks on PyTorch).")
@@ -646,12 +698,12 @@ def measure(
 
         _set_threads(threads)
         settings = api.LatencySettings(**({"backends": tuple(backend)} if backend else {}),
-                                       batches=tuple(batch or (1, 32)), threads=threads, runs=runs, warmup=warmup,
-                                       input_shape=_shape(input_shape))
+                                       batches=tuple(batch or (1, 32)), threads=threads, runs=runs, warmup=warmup)
         source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
                                  trust_pickle=trust_pickle, verify=verify)
         reference = api.ModelSource(spec=baseline, trust_pickle=trust_pickle, verify=verify) if baseline else None
-        options = api.RunOptions(out=_default_out("measure", out), data=data, seed=seed, force=force)
+        options = api.RunOptions(out=_default_out("measure", out), data=data, seed=seed, force=force,
+                                 input_shape=_shape(input_shape))
         return api.measure(source, reference, options, settings, layer_table=layer_table)
 
     report = session.run(go)
@@ -660,17 +712,11 @@ def measure(
     session.emit(report)
 
 
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    """`3,224,224` as a tuple of ints."""
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UsageError(f"--input-shape {text!r} must be C,H,W integers, e.g. 3,224,224") from None
-    if len(shape) != 3 or min(shape) < 1:
-        raise UsageError(f"--input-shape {text!r} must be three positive integers C,H,W, e.g. 3,224,224")
-    return shape
+def _shape(text: str | None) -> tuple[int, int, int] | None:
+    """`3,224,224` as a tuple of ints (exit 2 on anything else)."""
+    from compress.data.inputs import parse_shape
+
+    return parse_shape(text)
 
 
 @app.command()
@@ -680,7 +726,7 @@ def export(
                                         "required-operators file).")] = "onnx",
     int8: Int8Opt = False, static_shapes: StaticOpt = False,
     weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
-    verify: VerifyOpt = True, data: DataOpt = None,
+    verify: VerifyOpt = True, data: DataOpt = None, input_shape: ShapeOpt = None,
     seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     debug: DebugOpt = False, threads: ThreadsOpt = None,
 ) -> None:
@@ -695,7 +741,8 @@ def export(
         settings = _export_settings(format, int8, static_shapes)
         source = api.ModelSource(spec=model, weights=str(weights) if weights else None, num_classes=num_classes,
                                  trust_pickle=trust_pickle, verify=verify)
-        options = api.RunOptions(out=_default_out("export", out), data=data, seed=seed, force=force)
+        options = api.RunOptions(out=_default_out("export", out), data=data, seed=seed, force=force,
+                                 input_shape=_shape(input_shape))
         return api.export_model(source, options, settings)
 
     session.emit(session.run(go))

@@ -31,6 +31,7 @@ from torch import nn
 from compress import artifact, distributed
 from compress.config import ConfigBase, FinetuneConfig
 from compress.data import Splits, load_dataset
+from compress.data.inputs import fit_input, with_input_shape
 from compress.errors import AuditError, CompressError, ExportError, UsageError
 from compress.finetune import Evaluation, default_device, evaluate, evaluate_tasks, recalibrate_batchnorm, train
 from compress.measure import count_macs, count_params, measure_latency_pair, model_sizes
@@ -81,6 +82,7 @@ class RunOptions:
     latency_threads: int = 1
     latency_runs: int = 30
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on the calibration split after compressing
+    input_shape: tuple[int, int, int] | None = None  # C,H,W the data are brought to (compress.data.inputs)
     measure: LatencySettings | None = None  # every backend against the original, and bytes of every format
     export: ExportSettings | None = None  # write and verify model.onnx (and .ort, int8) into the run
     command: str = field(default_factory=lambda: shlex.join(["compress", *sys.argv[1:]]))
@@ -101,11 +103,26 @@ def input_channels(model: nn.Module) -> int | None:
     return None
 
 
-def load_data_for(loaded: LoadedModel, data: str | None, seed: int) -> Splits:
-    """The data set asked for, or the model's own, shaped for the model's first layer."""
+def load_data_for(loaded: LoadedModel, data: str | None, seed: int,
+                  input_shape: tuple[int, int, int] | None = None) -> Splits:
+    """The data set asked for (or the model's own) brought to the model's input: `input_shape` when given, else the
+    shape its run recorded, else the data's own with grayscale widened to the first convolution's channels; the
+    model then runs once on two items, so that a shape problem stops here in one line (compress.data.inputs)."""
     splits = load_dataset(data or loaded.dataset or "fashion-mnist", seed)
-    channels = input_channels(loaded.model)
-    return splits.with_channels(channels) if channels else splits
+    shape = input_shape or _recorded_shape(loaded)
+    if shape is not None:
+        splits = with_input_shape(splits, shape)[0]
+    else:
+        channels = input_channels(loaded.model)
+        splits = splits.with_channels(channels) if channels else splits
+    return fit_input(loaded.model, splits, explicit=input_shape is not None, source=loaded.source)
+
+
+def _recorded_shape(loaded: LoadedModel) -> tuple[int, int, int] | None:
+    """The input shape a run was made at (its manifest), for runs resized from their data's own."""
+    recorded = (loaded.manifest or {}).get("input") or {}
+    shape = recorded.get("shape")
+    return tuple(int(v) for v in shape) if shape else None  # type: ignore[return-value]
 
 
 def describe_model(model: nn.Module, example: torch.Tensor, *, cross_check: bool = False) -> dict[str, Any]:
@@ -264,7 +281,7 @@ class Load(Stage):
                                     writer=distributed.current().is_main)
         seed_everything(options.seed)
         state.loaded = state.source.load()
-        state.splits = load_data_for(state.loaded, options.data, options.seed)
+        state.splits = load_data_for(state.loaded, options.data, options.seed, options.input_shape)
         device = default_device()
         state.model = state.loaded.model.to(device)
         state.example = state.splits.test.x[:1].to(device)
@@ -543,9 +560,13 @@ def _manifest(state: State) -> dict[str, Any]:
     """Where the model came from, the data it saw, the command and versions."""
     loaded, splits, options = state.loaded, state.splits, state.options
     inputs = {str(p): artifact.sha256_file(p) for p in _input_paths(state.source) if p.exists()}
-    return {"source": loaded.source, "dataset": splits.name, "data_fingerprint": splits.fingerprint,
-            "input_shape": list(splits.input_shape), "num_classes": splits.num_classes, "seed": options.seed,
-            "command": options.command, "inputs": inputs, "versions": environment()["versions"]}
+    manifest = {"source": loaded.source, "dataset": splits.name, "data_fingerprint": splits.fingerprint,
+                "input_shape": list(splits.input_shape), "num_classes": splits.num_classes, "seed": options.seed,
+                "command": options.command, "inputs": inputs, "versions": environment()["versions"]}
+    transform = getattr(splits.test.x, "transform", None)
+    if transform is not None:  # items resized (or widened) to the model's input: replayed on every load
+        manifest["input"] = transform.to_dict()
+    return manifest
 
 
 def _trained_figures(state: State) -> dict[str, Any]:

@@ -56,3 +56,23 @@ def export_mismatch_cnn(num_classes: int = 10, seed: int = 0) -> ExportMismatchC
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ExportMismatchCNN(num_classes)
+
+
+class FixedInputCNN(nn.Module):
+    """A face-detector-like stage with a fixed input size: 3x48x48 -> two conv/pool steps -> flatten -> Linear."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.fc = nn.Linear(16 * 12 * 12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+def fixed_input_cnn(num_classes: int = 10, seed: int = 0) -> FixedInputCNN:
+    """A FixedInputCNN with weights drawn from `seed` (runs only at 3x48x48), leaving the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FixedInputCNN(num_classes)

@@ -140,7 +140,7 @@ def test_report_rerenders_from_report_json(runner, tiny_run, tmp_path):
     (["measure", TINY_SPEC, "--data", "digits", "--backend", "tpu"], "unknown latency backend 'tpu'"),
     (["measure", TINY_SPEC, "--data", "digits", "--batch", "0"], "must be >= 1"),
     (["measure", TINY_SPEC, "--data", "digits", "--input-shape", "3x224"], "--input-shape"),
-    (["measure", TINY_SPEC, "--data", "digits", "--input-shape", "3,32,32"], "C = 1"),
+    (["measure", TINY_SPEC, "--data", "digits", "--input-shape", "3,32,32"], "takes 1 channel(s)"),
     (["export", TINY_SPEC, "--data", "digits", "--format", "tflite"], "--format 'tflite'"),
     (["prune", "--model", TINY_SPEC, "--data", "digits", "--int8"], "add --export onnx"),
 ])

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from compress.errors import UsageError
-from compress.tasks import Tasks, Targets, tasks_of
+from compress.tasks import Targets, Tasks, tasks_of
 
 FASHION_MNIST_DIRS = (
     Path(os.environ.get("COMPRESS_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")),
@@ -44,8 +44,9 @@ class TensorSplit:
         return tasks_of(self.y)
 
     def subset(self, n: int) -> TensorSplit:
-        """First n items (the splits are already shuffled with a fixed seed)."""
-        return TensorSplit(self.x[:n], self.y[:n])
+        """First n items (the splits are already shuffled with a fixed seed); lazily resized inputs stay lazy."""
+        head = getattr(self.x, "head", None)
+        return TensorSplit(head(n) if head is not None else self.x[:n], self.y[:n])
 
 
 @dataclass(frozen=True)
