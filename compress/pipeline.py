@@ -30,8 +30,9 @@ from torch import nn
 
 from compress import artifact, distributed
 from compress.config import ConfigBase, FinetuneConfig
-from compress.data import Splits, load_dataset
+from compress.data import Splits
 from compress.data.inputs import fit_input, with_input_shape
+from compress.data.user import resolve_data
 from compress.errors import AuditError, CompressError, ExportError, UsageError
 from compress.finetune import Evaluation, default_device, evaluate, evaluate_tasks, recalibrate_batchnorm, train
 from compress.measure import count_macs, count_params, measure_latency_pair, model_sizes
@@ -108,7 +109,7 @@ def load_data_for(loaded: LoadedModel, data: str | None, seed: int,
     """The data set asked for (or the model's own) brought to the model's input: `input_shape` when given, else the
     shape its run recorded, else the data's own with grayscale widened to the first convolution's channels; the
     model then runs once on two items, so that a shape problem stops here in one line (compress.data.inputs)."""
-    splits = load_dataset(data or loaded.dataset or "fashion-mnist", seed)
+    splits = resolve_data(data or loaded.dataset or "fashion-mnist", seed)
     shape = input_shape or _recorded_shape(loaded)
     if shape is not None:
         splits = with_input_shape(splits, shape)[0]

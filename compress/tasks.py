@@ -25,7 +25,7 @@ class Task:
     name: str
     loss: str = "cross_entropy"     # cross_entropy | bce | l1
     metric: str = "accuracy"        # accuracy (%) | iou | pixel_error (pixels)
-    output: int | None = None       # index into a tuple/list output; None: the whole output
+    output: int | str | None = None  # index (or key) into a tuple/list/dict output; None: the whole output
     target: str | None = None       # key into Targets; None: the whole label tensor
     weight: float = 1.0             # weight of this loss in the training objective
     scale: float = 1.0              # pixel_error: normalised coordinates times this = pixels
