@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -114,22 +115,80 @@ def to_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
 
 
+def _written_by_compress(name: str) -> bool:
+    """Whether a file name is one compress writes into a run (or its temporary name while writing it): a partial
+    directory holding none of them is not an interrupted run of ours."""
+    name = name.lstrip(".")
+    return name.startswith(("model.", "report.", "finetune.ckpt")) or name.split(".tmp")[0] in (
+        ARCH_FILE, MANIFEST_FILE, "recipe.resolved.yaml")
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in a small file, or None when it is missing, large or not a JSON object."""
+    try:
+        if not path.is_file() or path.stat().st_size > 64 * 2**20:
+            return None
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether `path` is a directory compress wrote: a manifest.json of its format (model runs) or a report.json
+    with its schema (measure and export runs)."""
+    if not path.is_dir():
+        return False
+    manifest = _json_object(path / MANIFEST_FILE)
+    if manifest is not None and str(manifest.get("format", "")).startswith("compress-") and "outputs" in manifest:
+        return True
+    report = _json_object(path / "report.json")
+    return report is not None and "schema_version" in report and "status" in report
+
+
+def _is_empty_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and next(path.iterdir(), None) is None
+
+
 class RunDir:
     """An output directory built under `<out>.partial` and renamed into place when complete.
 
     The partial directory survives an interruption, so a rerun with the same `--out` resumes from what it holds
-    (the fine-tuning checkpoint). An existing `out` is refused unless `force`.
+    (the fine-tuning checkpoint). An existing `out` is refused unless `force`, and even then unless it is a run
+    compress wrote (`is_run_directory`) or an empty directory: nothing that is not a run is ever replaced.
     """
 
     def __init__(self, out: Path, *, force: bool = False, inputs: tuple[Path, ...] = (), writer: bool = True) -> None:
-        self.out, self.writer = out.resolve(), writer  # under torchrun only rank 0 writes
+        self.out, self.writer, self.force = out.resolve(), writer, force  # under torchrun only rank 0 writes
+        self.given = out
         for source in inputs:
             if source.exists() and source.resolve() == self.out:
                 raise UsageError(f"--out {out} is the input model; choose a new directory (inputs are never "
                                  "overwritten)")
-        if self.out.exists() and not force:
-            raise UsageError(f"--out {out} already exists; choose another directory or pass --force")
+        self._check_out()
         self.partial = self.out.with_name(self.out.name + ".partial")
+        if self.partial.exists() and not self.partial.is_dir():
+            raise UsageError(f"{self.partial} is a file, and compress builds --out {out} there; move it away or "
+                             "choose another --out")
+        if self.partial.is_dir() and not _is_empty_directory(self.partial) \
+                and not any(_written_by_compress(entry.name) for entry in self.partial.iterdir()):
+            raise UsageError(f"{self.partial} exists and is not an interrupted compress run; compress builds --out "
+                             f"{out} there: move it away or choose another --out")
+
+    def _check_out(self) -> None:
+        """Refuse an existing `out` that must not be replaced (exit 2, naming it)."""
+        out = self.given
+        if not (self.out.exists() or self.out.is_symlink()):
+            return
+        if not self.out.is_dir():
+            raise UsageError(f"--out {out} is a file, not a run directory; choose another path (a file is never "
+                             "replaced, even with --force)")
+        if not (is_run_directory(self.out) or _is_empty_directory(self.out)):
+            raise UsageError(f"--out {out} already exists and is not a compress run (no manifest.json or report.json "
+                             "that compress wrote); choose another directory (--force replaces only a previous run "
+                             "or an empty directory)")
+        if not self.force:
+            raise UsageError(f"--out {out} already exists; choose another directory or pass --force")
 
     def path(self, name: str) -> Path:
         """A path inside the partial directory (created on first use, so early errors leave nothing behind)."""
@@ -143,17 +202,23 @@ class RunDir:
         return self.out / name
 
     def commit(self) -> Path:
-        """Move the finished directory into place (replacing an old one only now, when --force was given)."""
+        """Move the finished directory into place. An existing `out` (a run or an empty directory, checked again
+        now, and only with --force) is first renamed to a hidden name of its own, then deleted: never `<out>.old`
+        or any other name that might be the user's."""
         if not self.writer:
             return self.out
-        if self.out.exists():
-            old = self.out.with_name(self.out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.out, old)
+        if not (self.out.exists() or self.out.is_symlink()):
             os.replace(self.partial, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
+            return self.out
+        self._check_out()
+        aside = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.replaced-", dir=self.out.parent))
+        os.replace(self.out, aside)  # onto the empty directory just made: the name is ours alone
+        try:
             os.replace(self.partial, self.out)
+        except OSError:
+            os.replace(aside, self.out)
+            raise
+        shutil.rmtree(aside)
         return self.out
 
 

@@ -48,7 +48,6 @@ a figure the runs do not have, a malformed limit) is one line naming the file, l
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -58,7 +57,7 @@ from typing import Any, Literal
 
 import yaml
 
-from compress.errors import UsageError
+from compress.errors import UsageError, closest
 from compress.manifest import WEIGHTS_FILE, verify_files
 from compress.report.schema import SCHEMA_VERSION
 
@@ -296,15 +295,6 @@ class _Where:
         """`FILE:LINE: KEY: problem` as a UsageError (exit 2)."""
         line = node.start_mark.line + 1 if node is not None else 1
         return UsageError(f"{self.file}:{line}: {key}: {problem}")
-
-
-def closest(name: str, valid: Iterable[str]) -> str:
-    """`; did you mean X?` for the closest valid name, or the valid names when none is close."""
-    names = sorted(set(valid))
-    match = difflib.get_close_matches(name, names, n=1, cutoff=0.4)
-    if match:
-        return f"; did you mean {match[0]}?"
-    return f"; valid: {', '.join(names) or 'none'}"
 
 
 def _compose(text: str, where: _Where) -> yaml.Node | None:

@@ -18,6 +18,7 @@ import re
 import sys
 import time
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,8 +84,10 @@ OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directo
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only the JSON report on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No summary tables.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", "--verbose", help="Show tracebacks and libraries' warnings.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="torch intra-op threads for the run.")]
+EvalItemsOpt = Annotated[int | None, typer.Option("--eval-items", help="Evaluate on the first N test items only "
+                         "(recorded in the report; for large models on slow machines). Default: all.")]
 ShapeOpt = Annotated[str | None, typer.Option("--input-shape", help="C,H,W the model takes (e.g. 3,48,48); the data "
                      "are brought to it (gray repeated to 3 channels, bilinear resize) and the run records it. "
                      "Default: the run's recorded shape, else the data's (a torchvision model that cannot run "
@@ -142,6 +145,8 @@ class Session:
                            width=None if sys.stdout.isatty() else 132)
         self.err = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")) or None)
         _show_notes(self.err, quiet or as_json)
+        if not debug:  # libraries' warnings (NumPy, ONNX, torch) are noise to a user; --debug shows them
+            warnings.simplefilter("ignore")
 
     @property
     def show_progress(self) -> bool:
@@ -182,7 +187,9 @@ class Session:
                 raise typer.Exit(exc.exit_code) from None
             self.fail(in_flags(str(exc)), exc.exit_code)
         except KeyboardInterrupt:
-            self.err.print("interrupted; rerun the same command to resume from the last finished epoch")
+            pipeline = sys.modules.get("compress.pipeline")  # loaded only by commands that run stages
+            note = pipeline.interrupt_note() if pipeline is not None else "interrupted; nothing was saved"
+            self.err.print(note, highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
         except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
             if self.debug:
@@ -261,6 +268,7 @@ DEFAULT_METHOD = "globalmp"
 def _prune_options(
     model: ModelOpt = None, weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
     verify: VerifyOpt = True, data: DataOpt = None, seed: SeedOpt = 0, input_shape: ShapeOpt = None,
+    eval_items: EvalItemsOpt = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe (see recipes/); options given here override "
                                                 "it.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="PAGCP: list the units (channels, coupled members) and "
@@ -474,7 +482,7 @@ def _prune(ctx: typer.Context, opts: SimpleNamespace, session: Session) -> dict[
         return api.plan(source, cfg, api.RunOptions(out=out, data=pick["data"], seed=pick["seed"],
                                                     input_shape=_shape(opts.input_shape)))
     options = api.RunOptions(out=out, data=pick["data"], seed=pick["seed"], force=opts.force, latency=opts.latency,
-                             input_shape=_shape(opts.input_shape),
+                             input_shape=_shape(opts.input_shape), eval_items=opts.eval_items,
                              recalibrate_bn=opts.bn_recalibrate,
                              measure=api.LatencySettings() if opts.measure else None,
                              export=_export_settings(opts.export, opts.int8, opts.static_shapes))
@@ -489,7 +497,7 @@ def _prune_configs(ctx: typer.Context, recipe: dict[str, Any], values: dict[str,
 
     chosen = values["method"] if _explicit(ctx, "method") else recipe.get("method", values["method"])
     if chosen not in api.method_names():
-        raise UsageError(f"unknown method {chosen!r}; choose one of {', '.join(api.method_names())}")
+        raise UsageError.unknown("method", chosen, api.method_names())
     cfg = _method_config(ctx, chosen, recipe.get("config"), values)
     tune = FinetuneConfig.from_dict(_merged(ctx, _tune_flags().values(), recipe.get("finetune"), values))
     if getattr(cfg, "schedule", "oneshot") == "gradual" and tune.epochs < 1:
@@ -607,7 +615,7 @@ def finetune(
     lr: Annotated[float, typer.Option(help="Peak learning rate (cosine schedule).")] = 0.03,
     teacher: Annotated[str | None, typer.Option(help="Model spec to distil from (e.g. the original).")] = None,
     weights: WeightsOpt = None, num_classes: ClassesOpt = None, trust_pickle: TrustOpt = False,
-    verify: VerifyOpt = True, data: DataOpt = None, input_shape: ShapeOpt = None,
+    verify: VerifyOpt = True, data: DataOpt = None, input_shape: ShapeOpt = None, eval_items: EvalItemsOpt = None,
     seed: SeedOpt = 0, out: OutOpt = None, force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     debug: DebugOpt = False, threads: ThreadsOpt = None,
 ) -> None:
@@ -624,7 +632,7 @@ def finetune(
                                  trust_pickle=trust_pickle, verify=verify)
         teacher_source = api.ModelSource(spec=teacher, trust_pickle=trust_pickle, verify=verify) if teacher else None
         options = api.RunOptions(out=_default_out("finetune", out), data=data, seed=seed, force=force, latency=False,
-                                 input_shape=_shape(input_shape))
+                                 input_shape=_shape(input_shape), eval_items=eval_items)
         with session.progress() as progress:
             return api.finetune(source, cfg, options, teacher_source, progress)
 
@@ -642,7 +650,7 @@ def train(
     install_baseline: Annotated[bool, typer.Option(help="Also install the result as the shipped baseline of a "
                                                    "built-in model.")] = False,
     num_classes: ClassesOpt = None, data: DataOpt = None, input_shape: ShapeOpt = None, seed: SeedOpt = 0,
-    out: OutOpt = None,
+    eval_items: EvalItemsOpt = None, out: OutOpt = None,
     force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -662,7 +670,7 @@ def train(
         source = api.ModelSource(spec=spec, num_classes=num_classes or 10) if ":" not in spec else \
             api.ModelSource(spec=spec, num_classes=num_classes)
         options = api.RunOptions(out=_default_out("train", out), data=data, seed=seed, force=force, latency=False,
-                                 input_shape=_shape(input_shape))
+                                 input_shape=_shape(input_shape), eval_items=eval_items)
         with session.progress() as progress:
             return api.train_model(source, cfg, options, install_baseline=install_baseline, progress=progress)
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from compress.errors import UsageError
+from compress.errors import UsageError, closest_match
 
 T = TypeVar("T", bound="ConfigBase")
 
@@ -73,9 +74,20 @@ class ConfigBase:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UsageError(f"unknown key(s) {unknown} for {cls.__name__}; allowed: {sorted(known)}")
+            raise UsageError(f"unknown key(s) {_with_suggestions(unknown, known)} for {cls.__name__}; "
+                             f"allowed: {', '.join(sorted(known))}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**values)
+
+
+def _with_suggestions(unknown: list[str], known: Iterable[str]) -> str:
+    """`'min_treshold' (did you mean min_threshold?), 'foo'`: each unknown key with the closest known one."""
+    known = list(known)
+    parts = []
+    for key in unknown:
+        match = closest_match(str(key), known)
+        parts.append(f"{str(key)!r} (did you mean {match}?)" if match else repr(str(key)))
+    return ", ".join(parts)
 
 
 def _check_choice(config: ConfigBase, name: str) -> None:
@@ -182,7 +194,8 @@ def load_recipe(path: str) -> dict[str, Any]:
         raise UsageError(f"recipe {path!r} must be a mapping with keys {', '.join(RECIPE_KEYS)}")
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
     if unknown:
-        raise UsageError(f"recipe {path!r} has unknown key(s) {unknown}; allowed: {', '.join(RECIPE_KEYS)}")
+        raise UsageError(f"recipe {path!r} has unknown key(s) {_with_suggestions(unknown, RECIPE_KEYS)}; "
+                         f"allowed: {', '.join(RECIPE_KEYS)}")
     return recipe
 
 

@@ -14,8 +14,8 @@ from torch.nn import functional as F
 
 from compress import distributed
 from compress.config import FinetuneConfig
-from compress.errors import UsageError
 from compress.data import Batches, Splits, TensorSplit
+from compress.errors import TrainingDiverged, UsageError
 from compress.tasks import Tasks, is_multitask, total_loss
 
 Masks = dict[str, torch.Tensor]
@@ -180,7 +180,9 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
     distillation. With `checkpoint`, state is saved after every epoch and a later call resumes from it; the
     file is removed when training completes; `run_key` names the settings, and a checkpoint made with other
     settings is refused rather than resumed. Under torchrun the model is wrapped in DistributedDataParallel,
-    each rank takes its shard of every epoch, and rank 0 writes the checkpoint.
+    each rank takes its shard of every epoch, and rank 0 writes the checkpoint. A loss (or, at an epoch's end,
+    a weight) that is NaN or Inf stops training with TrainingDiverged before the checkpoint is written, so it keeps
+    the last good epoch.
     """
     device = device or default_device()
     masks = masks if masks is not None else {}
@@ -199,7 +201,11 @@ def train(model: nn.Module, splits: Splits, cfg: FinetuneConfig, *, masks: Masks
         batches.epoch = start_epoch
     apply_masks(model, masks)
     for epoch in range(start_epoch, cfg.epochs):
-        log.epoch_losses.append(_train_epoch(loop, batches, epoch, total_steps, step_hook, progress))
+        try:  # a NaN or Inf stops the run before it reaches the checkpoint, which keeps the last good epoch
+            log.epoch_losses.append(_train_epoch(loop, batches, epoch, total_steps, step_hook, progress))
+            _require_finite_weights(model)
+        except _NotANumber as exc:
+            raise _diverged(str(exc), epoch, log, checkpoint) from None
         log.epochs = epoch + 1
         if checkpoint is not None and rank.is_main:
             _save_checkpoint(checkpoint, loop, log, run_key)
@@ -232,15 +238,41 @@ class _Loop:
             return total_loss(self.forward(x), y, self.tasks, label_smoothing=self.cfg.label_smoothing)
         return _loss(self.forward(x), y, self.cfg, teacher_logits)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimiser and scheduler step on a batch; returns its loss."""
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimiser and scheduler step on a batch; returns its loss. A loss that is not a number stops before
+        the step (`_NotANumber`), so the weights keep their last finite values."""
         loss = self.loss(x, y)
+        value = float(loss.item())
+        if not math.isfinite(value):
+            raise _NotANumber(f"the loss became {value}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
         apply_masks(self.model, self.masks)  # after the step, so momentum cannot revive a pruned weight
-        return loss
+        return value
+
+
+class _NotANumber(Exception):
+    """The loss or the weights hold NaN or Inf; `train` turns it into TrainingDiverged with the epoch."""
+
+
+def _require_finite_weights(model: nn.Module) -> None:
+    """Raise _NotANumber naming the first parameter or buffer that holds NaN or Inf."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise _NotANumber(f"{name} became NaN or Inf")
+
+
+def _diverged(what: str, epoch: int, log: TrainLog, checkpoint: Path | None) -> TrainingDiverged:
+    """The one-line error for a run that stopped being numbers in `epoch` (0-based), saying what is kept."""
+    if checkpoint is not None and checkpoint.exists() and log.epochs:
+        kept = (f"the last good checkpoint, after epoch {log.epochs}, is kept in {checkpoint} (move it away, then "
+                "rerun with a lower `lr`)")
+    else:
+        kept = "no epoch finished, so no checkpoint was kept; rerun with a lower `lr`"
+    return TrainingDiverged(f"training diverged: {what} in epoch {epoch + 1} (the learning rate may be too high "
+                            f"for this model, or the data hold NaN); {kept}")
 
 
 def _training_tasks(splits: Splits, teacher: nn.Module | None) -> Tasks | None:
@@ -274,8 +306,11 @@ def _train_epoch(loop: _Loop, batches: Batches, epoch: int, total_steps: int, st
         if step_hook is not None:
             step_hook(epoch * len(batches) + i, total_steps)
         x, y = x.to(loop.device), y.to(loop.device)
-        loss = loop.step(x, y)
-        running, seen = running + loss.item() * len(y), seen + len(y)
+        try:
+            loss = loop.step(x, y)
+        except _NotANumber as exc:
+            raise _NotANumber(f"{exc} at step {i + 1} of {len(batches)}") from None
+        running, seen = running + loss * len(y), seen + len(y)
         if progress is not None:
             progress(f"epoch {epoch + 1}/{loop.cfg.epochs}", i + 1, len(batches))
     return running / max(seen, 1)

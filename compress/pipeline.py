@@ -84,6 +84,7 @@ class RunOptions:
     latency_runs: int = 30
     recalibrate_bn: bool = True  # re-estimate BatchNorm statistics on the calibration split after compressing
     input_shape: tuple[int, int, int] | None = None  # C,H,W the data are brought to (compress.data.inputs)
+    eval_items: int | None = None  # evaluate on the first N test items only (recorded; verify replays it)
     measure: LatencySettings | None = None  # every backend against the original, and bytes of every format
     export: ExportSettings | None = None  # write and verify model.onnx (and .ort, int8) into the run
     command: str = field(default_factory=lambda: shlex.join(["compress", *sys.argv[1:]]))
@@ -117,6 +118,15 @@ def load_data_for(loaded: LoadedModel, data: str | None, seed: int,
         channels = input_channels(loaded.model)
         splits = splits.with_channels(channels) if channels else splits
     return fit_input(loaded.model, splits, explicit=input_shape is not None, source=loaded.source)
+
+
+def cap_test_items(splits: Splits, eval_items: int | None) -> Splits:
+    """The splits with the test split cut to its first `eval_items` items (None: all of it)."""
+    if eval_items is None:
+        return splits
+    if eval_items < 1:
+        raise UsageError(f"--eval-items {eval_items} must be >= 1 (the test items every evaluation uses)")
+    return dataclasses.replace(splits, test=splits.test.subset(eval_items))
 
 
 def _recorded_shape(loaded: LoadedModel) -> tuple[int, int, int] | None:
@@ -221,6 +231,7 @@ def run_pipeline(pipeline: Pipeline, source: ModelSource, options: RunOptions,
     """Run the stages in order, record each, write the run directory atomically, then raise what was deferred."""
     state = State(source, options, progress, method_cfg=pipeline.method_cfg)
     records: list[dict[str, Any]] = []
+    _RUNNING.clear()
     for stage in pipeline.stages:
         started, outcome = time.perf_counter(), "failed"
         try:
@@ -229,8 +240,12 @@ def run_pipeline(pipeline: Pipeline, source: ModelSource, options: RunOptions,
         finally:
             records.append({"stage": stage.name, "config": stage.config(), "outcome": outcome,
                             "seconds": round(time.perf_counter() - started, 4)})
+            done = [r["stage"] for r in records if r["outcome"] == "ok"]
+            _RUNNING[:] = [(state.run.partial / CHECKPOINT_FILE, done)] if state.run is not None else []
         if stage.name == Load.name:
             state.report = {**_report_head(pipeline, state), **state.report}
+            if options.eval_items is not None:  # every test figure of this run is on these items only
+                state.report["eval_items"] = len(state.splits.test)
     state.report.setdefault("status", "ok")
     state.report.setdefault("exit_code", 0)
     state.report.setdefault("layers", [])
@@ -240,6 +255,33 @@ def run_pipeline(pipeline: Pipeline, source: ModelSource, options: RunOptions,
     if state.deferred:
         raise state.deferred[0]
     return state.report
+
+
+_RUNNING: list[tuple[Path, list[str]]] = []  # the run in progress: its checkpoint path and the stages done
+
+
+def interrupt_note() -> str:
+    """What a rerun of an interrupted command will redo and what it resumes: the fine-tune's last finished epoch
+    when a checkpoint was written, else nothing (compression is redone: same seed, same result)."""
+    if not _RUNNING:
+        return "interrupted before any work was saved; a rerun starts over"
+    checkpoint, done = _RUNNING[0]
+    epoch = _checkpoint_epoch(checkpoint)
+    if epoch:
+        redo = " redoes the compression (same seed, same result) and" if "compress" in done else ""
+        return f"interrupted; rerunning the same command{redo} resumes fine-tuning after epoch {epoch}"
+    what = "the compression is redone" if "compress" in done else "it starts over"
+    return f"interrupted; nothing was saved to resume from: a rerun of the same command starts over ({what})"
+
+
+def _checkpoint_epoch(checkpoint: Path) -> int:
+    """The last finished epoch a fine-tune checkpoint holds (0 when there is none or it is unreadable)."""
+    if not checkpoint.is_file():
+        return 0
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=True).get("epoch", 0))
+    except Exception:  # noqa: BLE001 - a half-written checkpoint resumes nothing; the note says so
+        return 0
 
 
 def _report_head(pipeline: Pipeline, state: State) -> dict[str, Any]:
@@ -282,7 +324,8 @@ class Load(Stage):
                                     writer=distributed.current().is_main)
         seed_everything(options.seed)
         state.loaded = state.source.load()
-        state.splits = load_data_for(state.loaded, options.data, options.seed, options.input_shape)
+        state.splits = cap_test_items(load_data_for(state.loaded, options.data, options.seed, options.input_shape),
+                                      options.eval_items)
         device = default_device()
         state.model = state.loaded.model.to(device)
         state.example = state.splits.test.x[:1].to(device)
@@ -564,6 +607,8 @@ def _manifest(state: State) -> dict[str, Any]:
     manifest = {"source": loaded.source, "dataset": splits.name, "data_fingerprint": splits.fingerprint,
                 "input_shape": list(splits.input_shape), "num_classes": splits.num_classes, "seed": options.seed,
                 "command": options.command, "inputs": inputs, "versions": environment()["versions"]}
+    if options.eval_items is not None:
+        manifest["eval_items"] = min(options.eval_items, len(splits.test))
     transform = getattr(splits.test.x, "transform", None)
     if transform is not None:  # items resized (or widened) to the model's input: replayed on every load
         manifest["input"] = transform.to_dict()

@@ -28,7 +28,7 @@ from compress.data import Splits
 from compress.errors import BudgetError, UsageError
 from compress.finetune import Evaluation, default_device, evaluate
 from compress.models.loader import load_artifact, require_run_files
-from compress.pipeline import load_data_for, seed_everything
+from compress.pipeline import cap_test_items, load_data_for, seed_everything
 from compress.report.schema import SCHEMA_VERSION
 
 TOLERANCES: dict[str, float] = {"accuracy": 0.01, "iou": 1e-4, "pixel_error": 1e-4}  # largest |measured - recorded|
@@ -139,7 +139,7 @@ def verify_run(run_dir: Path, *, command: str = "compress verify") -> dict[str, 
     manifest = loaded.manifest
     seed = int(manifest.get("seed", 0))
     seed_everything(seed)
-    splits = load_data_for(loaded, manifest.get("dataset"), seed)
+    splits = cap_test_items(load_data_for(loaded, manifest.get("dataset"), seed), manifest.get("eval_items"))
     measured = evaluate(loaded.model.to(default_device()), splits.test)
     checks = metric_checks(report.get("tasks") or {}, measured)
     result = verify_report(run_dir, command, files, data_check(splits, manifest), checks)

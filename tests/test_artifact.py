@@ -164,6 +164,9 @@ def test_rundir_with_force_replaces_the_out_on_commit(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    with pytest.raises(UsageError, match="is not a compress run"):  # only a run (or an empty directory) is replaced
+        artifact.RunDir(out, force=True)
+    (out / "manifest.json").write_text(json.dumps({"format": artifact.FORMAT, "outputs": {}}))
     run = artifact.RunDir(out, force=True)
     run.write("new.txt", "new")
     assert (out / "stale.txt").exists()  # nothing replaced before the run is complete
@@ -175,7 +178,8 @@ def test_rundir_with_force_replaces_the_out_on_commit(tmp_path):
 
 def test_prune_with_force_replaces_a_previous_run(tiny_run, tmp_path):
     out = tmp_path / "forced"
-    out.mkdir()
+    api.prune(api.ModelSource(spec=TINY_SPEC), GlobalMPConfig(sparsity=0.5),
+              api.RunOptions(out=out, data="digits", latency=False))
     (out / "stale.txt").write_text("old")
     with pytest.raises(UsageError, match="already exists"):
         api.prune(api.ModelSource(spec=TINY_SPEC), GlobalMPConfig(sparsity=0.5),

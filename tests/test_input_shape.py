@@ -102,3 +102,44 @@ def test_a_long_step_prints_plain_progress_outside_a_terminal(tmp_path, monkeypa
                                 "--sparsity", "0.5", "--finetune-epochs", "1", "--no-latency", "--quiet",
                                 "--out", str(tmp_path / "quiet")])
     assert quiet.exit_code == 0 and "epoch 1/1" not in quiet.stderr
+
+
+def test_the_interrupt_message_says_what_a_rerun_resumes(tmp_path, monkeypatch):
+    from compress import finetune
+
+    real, calls = finetune._train_epoch, []
+
+    def second_epoch_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "_train_epoch", second_epoch_interrupted)
+    args = ["prune", "--model", "tests.factories:tiny_cnn", "--data", "digits", "--sparsity", "0.5",
+            "--finetune-epochs", "3", "--no-latency", "--quiet", "--out", str(tmp_path / "run")]
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 130
+    assert "redoes the compression (same seed, same result) and resumes fine-tuning after epoch 1" in result.stderr
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "_train_epoch", interrupted)  # in the first epoch: no checkpoint yet
+    again = RUNNER.invoke(app, [*args[:-1], str(tmp_path / "other")])
+    assert again.exit_code == 130 and "nothing was saved to resume from" in again.stderr
+
+
+def test_eval_items_caps_every_evaluation_and_verify_replays_it(tmp_path):
+    run = tmp_path / "run"
+    result = RUNNER.invoke(app, ["prune", "--model", "tests.factories:tiny_cnn", "--data", "digits", "--sparsity",
+                                 "0.5", "--eval-items", "50", "--no-latency", "--quiet", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "report.json").read_text())
+    assert report["eval_items"] == 50
+    # accuracy on 50 items moves in steps of 2 points: the figures were computed on 50 items, not on all 359
+    assert all(round(v / 2.0, 6).is_integer() for v in (report["tasks"]["classification"]["before"],
+                                                        report["tasks"]["classification"]["after_compression"]))
+    assert RUNNER.invoke(app, ["verify", str(run), "--quiet"]).exit_code == 0
+    assert RUNNER.invoke(app, ["prune", "--model", "tests.factories:tiny_cnn", "--data", "digits",
+                               "--eval-items", "0", "--out", str(tmp_path / "bad")]).exit_code == 2

@@ -85,7 +85,11 @@ def test_weights_that_do_not_fit_name_the_keys(resnet18_state, tmp_path):
     torch.save(resnet18_state, path)
     with pytest.raises(UsageError, match="do not fit the architecture") as info:
         load_model("torchvision:resnet34", weights=path, num_classes=10)
-    assert "--num-classes" in str(info.value) and info.value.exit_code == 2
+    assert "missing layer1.2.conv1.weight" in str(info.value) and info.value.exit_code == 2
+    assert "another architecture" in str(info.value)
+    with pytest.raises(UsageError, match="fc.weight is \\[10, 512\\] in the file but \\[7, 512\\]") as info:
+        load_model("torchvision:resnet18", weights=path, num_classes=7)
+    assert str(info.value).endswith("pass --num-classes 10")
 
 
 def test_factory(tmp_path):

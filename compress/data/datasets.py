@@ -246,6 +246,6 @@ def load_dataset(spec: str, seed: int = 0) -> Splits:
     if spec.startswith("folder:"):
         return image_folder(spec.removeprefix("folder:"), seed)
     if spec not in DATASETS:
-        raise UsageError(f"unknown data set {spec!r}; choose one of {', '.join(DATASETS)} or folder:PATH")
+        raise UsageError.unknown("data set", spec, DATASETS, choices=f"{', '.join(DATASETS)} or folder:PATH")
     return DATASETS[spec](seed)
 

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 from compress.artifact import ARCH_FILE, MANIFEST_FILE, WEIGHTS_FILE, read_weights, verify_files
-from compress.errors import UnsafeCheckpointError, UsageError
+from compress.errors import UnsafeCheckpointError, UsageError, closest_match
 from compress.models.builtin import BUILTIN_ARCHS, BUILTIN_DATASETS
-from compress.models.transforms import ARCH_TRANSFORMS, register_transform  # noqa: F401 - re-exported
-from compress.models.transforms import replay_transforms
+from compress.models.transforms import ARCH_TRANSFORMS, register_transform, replay_transforms  # noqa: F401 - re-export
 
 DEFAULT_MODEL = "rescnn"
 BASELINES_DIR = Path(__file__).parent / "baselines"
@@ -55,18 +54,17 @@ def _build_base(arch: dict[str, Any], trust_pickle: bool = False) -> nn.Module:
         return module
     if kind == "builtin":
         if arch["name"] not in BUILTIN_ARCHS:
-            raise UsageError(f"unknown built-in model {arch['name']!r}; choose one of {', '.join(BUILTIN_ARCHS)}")
+            raise UsageError.unknown("built-in model", arch["name"], BUILTIN_ARCHS)
         if "widths" in kwargs:
             kwargs["widths"] = tuple(kwargs["widths"])
         return BUILTIN_ARCHS[arch["name"]](**kwargs)
     if kind == "torchvision":
         import torchvision.models as tvm
 
-        try:
-            return tvm.get_model(arch["name"], weights=None, **kwargs)
-        except ValueError:
-            raise UsageError(f"unknown torchvision architecture {arch['name']!r}; see "
-                             "torchvision.models.list_models() for the names") from None
+        if str(arch["name"]).lower() not in tvm.list_models():  # get_model ignores case
+            raise UsageError.unknown("torchvision architecture", arch["name"], tvm.list_models(),
+                                     choices="the names torchvision.models.list_models() gives")
+        return tvm.get_model(arch["name"], weights=None, **kwargs)
     if kind == "factory":
         return _call_factory(arch["target"], kwargs)
     raise UsageError(f"arch.json has unknown kind {kind!r}; expected builtin, torchvision, factory or pickle")
@@ -80,8 +78,10 @@ def _call_factory(target: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         factory = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot import factory {target!r} ({exc}); give package.module:function "
-                         "importable from the current environment") from None
+        fix = "give package.module:function importable from the current environment"
+        if module_name != "torchvision" and closest_match(module_name, ["torchvision"], 0.8):
+            fix = f"did you mean torchvision:{function_name}?"
+        raise UsageError(f"cannot import factory {target!r} ({exc}); {fix}") from None
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise UsageError(f"factory {target!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -96,6 +96,12 @@ def load_state_file(path: str | Path, *, trust_pickle: bool = False) -> dict[str
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"weights file {str(path)!r} does not exist; check the path given to --weights/--model")
+    state = _read_state_file(path, trust_pickle)
+    require_finite(state, f"weights file {str(path)!r}")
+    return state
+
+
+def _read_state_file(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         try:
             return read_weights(path)  # plain safetensors or compress's sparse encoding
@@ -117,6 +123,86 @@ def load_state_file(path: str | Path, *, trust_pickle: bool = False) -> dict[str
             return tensors
     raise UsageError(f"{str(path)!r} holds no state dict (found {type(obj).__name__}); "
                      "save one with torch.save(model.state_dict(), PATH)")
+
+
+def require_finite(state: dict[str, torch.Tensor], what: str) -> None:
+    """Exit 2 naming the first tensor of `state` that holds NaN or Inf (and how many), calling `what` broken."""
+    bad = [name for name, tensor in state.items()
+           if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all())]
+    if not bad:
+        return
+    tensor = state[bad[0]]
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    counts = " and ".join(f"{n} {label}" for n, label in ((nan, "NaN"), (inf, "Inf")) if n)
+    others = f", the first of {len(bad)} such tensors" if len(bad) > 1 else ""
+    raise UsageError(f"{what} is broken: tensor {bad[0]!r} holds {counts} of its {tensor.numel()} values{others} "
+                     "(weights that are not numbers); give a checkpoint saved before the training that wrote it "
+                     "diverged")
+
+
+def _fit_state(model: nn.Module, state: dict[str, torch.Tensor], what: str, kind: str) -> None:
+    """Load `state` into `model`, or exit 2 with one line: the first key whose shape differs (both shapes), the
+    missing and unexpected keys (five of each, then a count), and the likely fix for where the model came from
+    (`kind`: arch.json's kind, or "run" for a run directory's own weights)."""
+    own = model.state_dict()
+    mismatched = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+                  if k in state and not isinstance(v, nn.parameter.UninitializedTensorMixin)
+                  and tuple(state[k].shape) != tuple(v.shape)]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if not (mismatched or missing or unexpected):
+        model.load_state_dict(state, strict=False)
+        return
+    parts = []
+    if mismatched:
+        key, theirs, ours = mismatched[0]
+        others = len(mismatched) - 1
+        more = f" ({others} more {'key differs' if others == 1 else 'keys differ'} in shape)" if others else ""
+        parts.append(f"{key} is {list(theirs)} in the file but {list(ours)} in the model{more}")
+    if missing:
+        parts.append(f"missing {_some(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {_some(unexpected)}")
+    fix = _likely_fix(model, kind, mismatched, missing, unexpected)
+    raise UsageError(f"{what} do not fit the architecture: {'; '.join(parts)}; {fix}")
+
+
+def _some(keys: list[str], limit: int = 5) -> str:
+    """`a, b, c, d, e and 3 more`."""
+    shown = ", ".join(keys[:limit])
+    return f"{shown} and {len(keys) - limit} more" if len(keys) > limit else shown
+
+
+def _head_classes(model: nn.Module, mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> int | None:
+    """The file's number of classes when the only difference is the output size of the model's last layer."""
+    head = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear | nn.Conv2d | nn.Conv1d) and next(module.parameters(False), None) is not None:
+            head = name
+    if head is None or not mismatched:
+        return None
+    prefix = f"{head}." if head else ""
+    classes = set()
+    for key, theirs, ours in mismatched:
+        if key.removeprefix(prefix).count(".") or not key.startswith(prefix) or len(theirs) != len(ours) \
+                or not theirs or theirs[1:] != ours[1:]:
+            return None
+        classes.add(theirs[0])
+    return classes.pop() if len(classes) == 1 else None
+
+
+def _likely_fix(model: nn.Module, kind: str, mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+                missing: list[str], unexpected: list[str]) -> str:
+    if kind == "run":
+        return "the run's arch.json and model.safetensors disagree: restore the run as compress wrote it"
+    classes = None if missing or unexpected else _head_classes(model, mismatched)
+    if classes is not None and kind == "factory":
+        return (f"the file's head has {classes} classes: make the factory build {classes} classes "
+                "(--num-classes does not reach a factory)")
+    if classes is not None:
+        return f"the file's head has {classes} classes: pass --num-classes {classes}"
+    return ("the file holds another architecture's weights: give the --model they were saved from (another factory "
+            "or torchvision:NAME)")
 
 
 def _unreadable(path: Path, exc: Exception) -> UsageError:
@@ -145,16 +231,12 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
         raise _unreadable(path, exc) from None
 
 
-def _load_weights(model: nn.Module, weights: str | Path | None, trust_pickle: bool) -> None:
-    """Load a weights file into `model`, with a one-line error naming the mismatched keys."""
+def _load_weights(model: nn.Module, weights: str | Path | None, trust_pickle: bool, kind: str) -> None:
+    """Load a weights file into `model`, or exit 2 with one line naming the keys that do not fit and the fix."""
     if weights is None:
         return
     state = load_state_file(weights, trust_pickle=trust_pickle)
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
-        raise UsageError(f"weights {str(weights)!r} do not fit the architecture: missing {missing[:3]}, "
-                         f"unexpected {result.unexpected_keys[:3]}; check --model and --num-classes")
+    _fit_state(model, state, f"weights {str(weights)!r}", kind)
 
 
 def load_model(spec: str | None = None, *, weights: str | Path | None = None, num_classes: int | None = None,
@@ -180,11 +262,38 @@ def load_model(spec: str | None = None, *, weights: str | Path | None = None, nu
     elif ":" in spec:
         arch = {"kind": "factory", "target": spec, "kwargs": {}}
     else:
-        raise UsageError(f"cannot resolve model {spec!r}; give a built-in name ({', '.join(BUILTIN_ARCHS)}), "
-                         "torchvision:NAME, package.module:function, or a compress output directory")
+        raise _unresolved(spec)
     model = build_from_arch(arch)
-    _load_weights(model, weights, trust_pickle)
+    if weights is None and arch["kind"] == "factory":  # the factory's own weights, loaded by the user's code
+        require_finite(model.state_dict(), f"the model factory {spec!r} built")
+    _load_weights(model, weights, trust_pickle, arch["kind"])
     return LoadedModel(model.eval(), arch, spec)
+
+
+MODEL_FORMS = "torchvision:NAME, package.module:function or a compress output directory"
+
+
+def _unresolved(spec: str) -> UsageError:
+    """The error for a --model that is no file, directory, built-in name, torchvision:NAME or factory: a path that
+    does not exist, or a name with the closest built-in or torchvision name."""
+    if "/" in spec or os.sep in spec or Path(spec).suffix in (".pt", ".pth", ".bin", ".ckpt", ".safetensors"):
+        return UsageError(f"model {spec!r} is neither a file nor a directory; check the path")
+    names = {f"torchvision:{name}": name for name in _torchvision_names()}
+    names.update({name: name for name in BUILTIN_ARCHS})
+    match = closest_match(spec, names.values())
+    suggestion = next((full for full, bare in names.items() if bare == match), None)
+    choices = f"{', '.join(BUILTIN_ARCHS)}, {MODEL_FORMS}"
+    if suggestion is None:
+        return UsageError(f"unknown model {spec!r}; choose one of {choices}")
+    return UsageError(f"unknown model {spec!r}; did you mean {suggestion}? (choose one of {choices})")
+
+
+def _torchvision_names() -> list[str]:
+    try:
+        import torchvision.models as tvm
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return []
+    return list(tvm.list_models())
 
 
 def _load_builtin(name: str, weights: str | Path | None, num_classes: int | None,
@@ -202,7 +311,7 @@ def _load_builtin(name: str, weights: str | Path | None, num_classes: int | None
             raise UsageError(f"the built-in baseline {name!r} has no trained weights at {shipped}; "
                              "run `make baseline` to train it")
         weights = shipped
-    _load_weights(model, weights, trust_pickle)
+    _load_weights(model, weights, trust_pickle, "builtin")
     dataset = manifest.get("dataset", BUILTIN_DATASETS.get(name, "fashion-mnist"))
     return LoadedModel(model.eval(), arch, name, dataset, manifest)
 
@@ -213,6 +322,7 @@ def _load_pickled_module(path: Path, trust_pickle: bool) -> LoadedModel:
     if not isinstance(obj, nn.Module):
         raise UsageError(f"{str(path)!r} holds weights but no architecture; pass the architecture as --model "
                          "(built-in, torchvision:NAME or package.module:function) and this file as --weights")
+    require_finite(obj.state_dict(), f"{str(path)!r}")
     return LoadedModel(obj.eval(), {"kind": "pickle", "path": str(path.resolve())}, str(path))
 
 
@@ -237,5 +347,7 @@ def load_artifact(directory: Path, *, trust_pickle: bool = False, verify: bool =
     manifest_path = directory / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     model = build_from_arch(arch, trust_pickle=trust_pickle)
-    model.load_state_dict(read_weights(directory / WEIGHTS_FILE), strict=True)
+    state = _read_state_file(directory / WEIGHTS_FILE, trust_pickle=False)
+    require_finite(state, f"the run's {str(directory / WEIGHTS_FILE)!r}")
+    _fit_state(model, state, f"the run's weights {str(directory / WEIGHTS_FILE)!r}", "run")
     return LoadedModel(model.eval(), arch, str(directory), manifest.get("dataset"), manifest)
