@@ -81,7 +81,8 @@ DataOpt = Annotated[str | None, typer.Option(help="fashion-mnist, digits, fashio
 SeedOpt = Annotated[int, typer.Option(help="Seeds torch, NumPy and Python.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output directory (refused if it exists "
                    "unless --force). Default: runs/<command>-<time>.")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out directory.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out that is a previous compress run "
+                     "or an empty directory (a file or any other folder is refused, never deleted).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only the JSON report on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No summary tables.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", "--verbose", help="Show tracebacks and libraries' warnings.")]
