@@ -184,3 +184,31 @@ def test_decomposed_layers_run_no_slower_than_dense_on_the_backend_they_were_pri
         parts = sum(ms for layer, ms in shipped.items() if layer.startswith(f"{name}."))
         assert parts > 0, (name, sorted(shipped))
         assert parts <= 1.15 * dense[name] + 0.005, (name, parts, dense[name])
+
+
+def test_the_time_outside_the_layers_scales_with_the_activations_handed_on():
+    """A low-rank pair hands on what the dense layer did (the encoder's output stays inside the pair); narrower
+    channels hand on less, and the predicted rest shrinks in proportion."""
+    from compress.measure.costs import activations, predict_ms
+    from compress.methods.alds import build_lowrank
+
+    model = wide()
+    decomposed = copy.deepcopy(model)
+    decomposed.set_submodule("c3", build_lowrank(model.c3, 2, 8))
+    assert activations(decomposed, EXAMPLE) == activations(model, EXAMPLE)
+
+    class Narrow(Wide):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c2, self.c3, self.fc = nn.Conv2d(32, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1), self.fc
+
+    narrow = Narrow().eval()
+    ratio = activations(narrow, EXAMPLE) / activations(model, EXAMPLE)
+    assert ratio == (32 * 64 + 32 * 64 + 64 * 64 + 10) / (32 * 64 + 64 * 64 + 64 * 64 + 10)
+
+    class Flat:  # every layer free: the prediction is the scaled rest alone
+        def sites_ms(self, sites):
+            return [0.0 for _ in sites]
+
+    assert predict_ms(narrow, EXAMPLE, Flat(), 1.0, reference=model) == pytest.approx(ratio)
+    assert predict_ms(decomposed, EXAMPLE, Flat(), 1.0, reference=model) == pytest.approx(1.0)

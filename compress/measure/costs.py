@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -681,13 +682,27 @@ def layers_ms(model: nn.Module, example: torch.Tensor, costs: CostModel) -> dict
     return dict(zip(sites, costs.sites_ms(list(sites.values()))))
 
 
-def predict_ms(model: nn.Module, example: torch.Tensor, costs: CostModel, rest_ms: float) -> float:
+def predict_ms(model: nn.Module, example: torch.Tensor, costs: CostModel, rest_ms: float,
+               reference: nn.Module | None = None) -> float:
     """A whole model's predicted latency in milliseconds on the cost model's backend, batch and threads.
 
     `rest_ms` (the time outside the Conv2d/Linear layers, see `rest_ms`, measured on the original model) plus the
     sum of the prices of all the model's Conv2d/Linear leaves (and grouped linear layers) at their real shapes.
+    With `reference` (the model `rest_ms` was measured on), the rest is scaled by the ratio of the activations the
+    two models hand between layers (`activations`): the adds, pools and layout conversions outside the layers run
+    over those tensors, so removing channels shrinks them, while a low-rank pair leaves them as they were.
     """
-    return rest_ms + sum(layers_ms(model, example, costs).values())
+    rest = rest_ms
+    if reference is not None:
+        rest *= activations(model, example) / max(activations(reference, example), 1)
+    return rest + sum(layers_ms(model, example, costs).values())
+
+
+def activations(model: nn.Module, example: torch.Tensor) -> int:
+    """Elements per item that the model's Conv2d/Linear leaves hand on (a low-rank encoder's output, consumed at
+    once by its decoder, is not handed on)."""
+    return sum(math.prod(site.output_shape) for name, site in sites_of(model, example).items()
+               if not name.endswith(".encoder"))
 
 
 def rest_ms(model: nn.Module, example: torch.Tensor, costs: CostModel, measured_ms: float) -> float:

@@ -194,12 +194,14 @@ def macs_meter(example: torch.Tensor) -> Meter:
 
 
 def latency_meter(original: nn.Module, example: torch.Tensor, backend: str, batch: int) -> Meter:
-    """Predicted latency on `backend` at `batch` (one thread), priced from the cost table (cached on disk)."""
+    """Predicted latency on `backend` at `batch` (one thread), priced from the cost table (cached on disk); the
+    time outside the layers scales with the activations the model hands between them (costs.predict_ms)."""
     prices = CostModel(backend, batch=batch, threads=1)
-    outside = rest_ms(original, example, prices, measure_model_ms(original, example, prices))
+    reference = copy.deepcopy(original).eval()  # the method prunes `original` in place
+    outside = rest_ms(reference, example, prices, measure_model_ms(reference, example, prices))
 
     def cost(model: nn.Module) -> float:
-        predicted = predict_ms(model, example, prices, outside)
+        predicted = predict_ms(model, example, prices, outside, reference=reference)
         prices.save()
         return predicted
 
