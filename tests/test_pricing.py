@@ -148,7 +148,7 @@ def test_the_sweep_is_exact_and_monotone_in_the_latency_budget(method):
 def test_keep_and_latency_keep_together_the_first_to_bind_wins():
     prices = MacPrices()
     n_before = sum(p.numel() for p in wide().parameters())
-    model, result = priced(ALDSConfig(latency_keep=0.9, keep=0.4, seeds=3, rounds=2), prices)
+    model, _ = priced(ALDSConfig(latency_keep=0.9, keep=0.4, seeds=3, rounds=2), prices)
     n_after = sum(p.numel() for p in model.parameters())
     assert n_after <= 0.4 * n_before * 1.01  # the parameter budget binds here
     assert predicted_ms(model, prices) <= 0.9 * predicted_ms(wide(), prices)
