@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 THREADS ?= 2
 
 .PHONY: help install data browser demo test test-fast baseline bench bench-globalmp bench-alds bench-latency \
-	bench-pagcp baseline-mtnet screenshot gate-baselines clean
+	bench-pagcp bench-speed bench-zoo baseline-mtnet screenshot gate-baselines clean
 
 help:
 	@echo "make demo            set up, then prune the built-in model to 90% sparsity with one epoch of fine-tuning"
@@ -17,6 +17,8 @@ help:
 	@echo "make bench           every benchmark, results under reports/"
 	@echo "make bench-latency   MACs ratio against measured speed-up on every backend -> reports/latency.md"
 	@echo "make bench-pagcp     PAGCP against Torch-Pruning's channel pruning on the multitask model"
+	@echo "make bench-zoo       which torchvision models GlobalMP, ALDS and PAGCP handle -> reports/zoo.md (about an hour)"
+	@echo "make bench-speed     every method at a size and a latency target, speed-up and accuracy -> reports/speed.md"
 	@echo "make screenshot      a real run's report.html in headless chromium -> reports/report-html.png"
 	@echo "make gate-baselines  rewrite tests/gate/*.report.json, the baselines the project's own gate checks"
 
@@ -88,6 +90,11 @@ screenshot: install data browser
 bench-pagcp: install data
 	$(BIN)/python benchmarks/bench_pagcp.py --threads $(THREADS)
 
+# One thread (the cost tables are priced at one): about an hour on a two-core machine, the first run also trains
+# resnet18 and mobilenet_v2 (cached under runs/bench-speed/, with the cost tables).
+bench-speed: install data
+	$(BIN)/python benchmarks/bench_speed.py --threads 1
+
 # The baselines of the project's own gate (tests/test_self_gate.py): the shipped recipes, no fine-tuning, one
 # thread as in the tests. Regenerate only when a change is meant to move them, and say so in the commit.
 gate-baselines: install data
@@ -96,7 +103,12 @@ gate-baselines: install data
 			--out runs/gate-$$r --force && cp runs/gate-$$r/report.json tests/gate/$$r.report.json || exit 1; \
 	done
 
-bench: bench-globalmp bench-alds bench-latency bench-pagcp
+# Every torchvision classification model of the zoo through each method, one process per case with a time limit,
+# one thread; not part of `make bench` or `make test` (about an hour).
+bench-zoo: install data
+	$(BIN)/python benchmarks/bench_zoo.py --threads 1
+
+bench: bench-globalmp bench-alds bench-latency bench-pagcp bench-speed
 
 clean:
 	rm -rf runs .pytest_cache

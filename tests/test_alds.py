@@ -674,3 +674,115 @@ def test_min_group_channels_keeps_groups_wide():
         assert row["groups"] == 1 or channels // row["groups"] >= 8, row
     with pytest.raises(UsageError, match="min_group_channels"):
         ALDSConfig(min_group_channels=0)
+
+
+# ------------------------------------------------------------------------------- layers read directly by a parent
+
+
+class ReadsChildWeights(nn.Module):
+    """Like torchvision's Swin attention: owns two Linear layers but passes their `.weight` to F.linear itself."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = nn.functional.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        attention = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
+        return nn.functional.linear(attention @ v, self.proj.weight, self.proj.bias)
+
+
+class DirectReadNet(nn.Module):
+    """8x8 digits as 8 tokens: an embedding, the attention above, nn.MultiheadAttention (which reads its
+    out_proj.weight directly), an MLP, a head, and a Linear that the forward never calls."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.attn = ReadsChildWeights(dim)
+        self.mha = nn.MultiheadAttention(dim, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head = nn.Linear(dim, 10)
+        self.unused = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.flatten(1, 2))
+        h = h + self.attn(h)
+        h = h + self.mha(h, h, h, need_weights=False)[0]
+        return self.head((h + self.mlp(h)).mean(1))
+
+
+def direct_read_net() -> DirectReadNet:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return DirectReadNet().eval()
+
+
+DIRECT = {"attn.qkv": "'attn' (ReadsChildWeights)", "attn.proj": "'attn' (ReadsChildWeights)",
+          "mha.out_proj": "'mha' (MultiheadAttention)"}
+
+
+def test_layers_whose_weights_a_parent_reads_are_found_before_any_work():
+    model, x = direct_read_net(), torch.randn(2, 1, 8, 8)
+    candidates, skipped = find_candidates(model, (), (), example=x)
+    assert [c.name for c in candidates] == ["embed", "mlp.0", "mlp.2", "head"]
+    reasons = {s["name"]: s["reason"] for s in skipped}
+    assert set(reasons) == {*DIRECT, "unused"}
+    for name, reader in DIRECT.items():
+        assert f"'weight' is read directly by {reader}" in reasons[name] and "left dense" in reasons[name]
+    assert "not called by the forward pass" in reasons["unused"]
+    # without an example (no forward pass) nothing is known about how the weights are used
+    assert len(find_candidates(model, (), ())[0]) == 8
+
+
+def test_alds_leaves_directly_read_layers_dense_and_runs_to_the_end():
+    """Replacing attn.qkv by LowRank would break the forward (`'LowRank' object has no attribute 'weight'`): it and
+    the other directly read layers stay dense, are named in the report's skipped list, and the budget is met."""
+    model, x = direct_read_net(), torch.randn(2, 1, 8, 8)
+    before = n_params(model)
+    result = run("alds", model, ALDSConfig(keep=0.6), x)
+    assert {s["name"] for s in result.summary["skipped"]} == {*DIRECT, "unused"}
+    for name in [*DIRECT, "unused"]:
+        assert type(model.get_submodule(name)) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    assert result.summary["layers_decomposed"] > 0
+    assert [row["name"] for row in result.layers] == ["embed", "mlp.0", "mlp.2", "head"]
+    assert abs(n_params(model) - 0.6 * before) <= KEEP_TOLERANCE * 0.6 * before
+    assert model(x).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_alds_on_swin_t_runs_to_the_end():
+    """torchvision swin_t (random weights, 3x32x32, which it runs at): every block's attention reads qkv.weight
+    and proj.weight directly; those 24 layers stay dense, the rest decomposes to the budget (about 10 s)."""
+    model, x = torchvision.models.swin_t(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+    before = n_params(model)
+    result = METHODS["alds"].apply(model, ALDSConfig(keep=0.5, seeds=2, rounds=1), Context(x[:1]))
+    skipped = {s["name"] for s in result.summary["skipped"]}
+    attention = {n for n, _ in model.named_modules() if n.endswith((".attn.qkv", ".attn.proj"))}
+    assert len(attention) == 24 and skipped == attention
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in attention)
+    assert result.summary["layers_decomposed"] > 0
+    assert abs(n_params(model) - 0.5 * before) <= KEEP_TOLERANCE * 0.5 * before
+    assert model(x).shape == (2, 10)
+
+
+class ReadsOutFeatures(nn.Module):
+    """A parent that reads a plain attribute of its child Linear (no tensor, so no torch function sees it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(x.flatten(1)).view(-1, self.fc.out_features))
+
+
+def test_a_replacement_that_breaks_the_forward_is_found_by_trying_it():
+    model, x = ReadsOutFeatures().eval(), torch.randn(2, 1, 8, 8)
+    candidates, skipped = find_candidates(model, (), (), example=x)
+    assert [c.name for c in candidates] == ["head"]
+    assert [s["name"] for s in skipped] == ["fc"]
+    assert "breaks the forward pass (AttributeError" in skipped[0]["reason"] and "out_features" in skipped[0]["reason"]
+    assert type(model.fc) is nn.Linear and model(x).shape == (2, 10)  # every swap was put back

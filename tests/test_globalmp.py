@@ -413,3 +413,151 @@ def test_config_round_trip_and_unknown_keys():
     assert GlobalMPConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(UsageError, match="unknown key"):
         GlobalMPConfig.from_dict({"sparsity": 0.5, "sparsty": 0.5})
+
+
+# --------------------------------------------------------------------------- fidelity against torch.nn.utils.prune
+
+
+def distinct_magnitudes(model: nn.Module) -> None:
+    """Give the Conv/Linear weights distinct magnitudes in their present order (ties by global index, the order
+    GlobalMP breaks them in), signs kept: magnitude (rank + 1) / 2^24, exact in float32 below 2^24 weights."""
+    tensors = [m.weight for m in model.modules() if isinstance(m, PRUNABLE)]
+    flat = torch.cat([w.detach().abs().flatten() for w in tensors])
+    assert flat.numel() < 2 ** 24
+    magnitude = torch.empty_like(flat)
+    magnitude[torch.argsort(flat, stable=True)] = torch.arange(1, flat.numel() + 1, dtype=flat.dtype) / 2 ** 24
+    offset = 0
+    with torch.no_grad():
+        for w in tensors:
+            n = w.numel()
+            w.copy_(torch.where(w < 0, -1.0, 1.0) * magnitude[offset:offset + n].view_as(w))
+            offset += n
+
+
+@pytest.mark.parametrize("sparsity", [pytest.param(0.5, marks=pytest.mark.slow), 0.9,
+                                      pytest.param(0.99, marks=pytest.mark.slow),
+                                      pytest.param(0.999, marks=pytest.mark.slow)])
+def test_masks_equal_torch_global_unstructured_on_resnet18(sparsity, resnet18_weights):
+    """Without floors GlobalMP is global L1 magnitude pruning: the same masks as torch.nn.utils.prune's
+    global_unstructured(L1Unstructured) over every Conv/Linear weight of resnet18. Ties: GlobalMP prunes the lowest
+    global index first, torch.topk leaves their order unspecified, so the weights are first given distinct
+    magnitudes in GlobalMP's order (ties by index); then both selections are fully determined and must agree."""
+    from torch.nn.utils import prune as torch_prune
+
+    ours, theirs = build("resnet18", resnet18_weights), build("resnet18", resnet18_weights)
+    distinct_magnitudes(ours)
+    theirs.load_state_dict(ours.state_dict())
+    result = run_globalmp(ours, sparsity=sparsity)
+    params = [(m, "weight") for m in theirs.modules() if isinstance(m, PRUNABLE)]
+    torch_prune.global_unstructured(params, pruning_method=torch_prune.L1Unstructured, amount=sparsity)
+    for name, module in theirs.named_modules():
+        if isinstance(module, PRUNABLE):
+            assert torch.equal(result.masks[f"{name}.weight"], module.weight_mask), name
+    assert result.summary["pruned"] == round(sparsity * result.summary["prunable_weights"])
+
+
+def test_gradual_schedule_through_the_training_loop_ends_at_exactly_k(digits):
+    """The cubic schedule as `compress prune` runs it: the step hook inside compress.finetune.train, the optimiser
+    moving every weight between events; at the end exactly round(s x N) weights are zero and masked."""
+    from compress.config import FinetuneConfig
+    from compress.finetune import train
+
+    model = tiny_cnn()
+    result = run_globalmp(model, sparsity=0.9, schedule="gradual", initial_sparsity=0.3)
+    n_total = result.summary["prunable_weights"]
+    log = train(model, digits, FinetuneConfig(epochs=2, lr=0.05, batch_size=64, augment=False), masks=result.masks,
+                step_hook=result.step_hook)
+    assert log.epochs == 2 and len(result.step_hook.events) >= 3
+    k = round(0.9 * n_total)
+    assert result.step_hook.events[-1][1] == 0.9
+    assert sum(int((m == 0).sum()) for m in result.masks.values()) == k
+    zeros = sum(int((w == 0).sum()) for w in weights(model).values())
+    assert zeros == k, f"{zeros} zero weights after training, expected exactly {k}"
+    refreshed = result.refresh()
+    assert refreshed.summary["pruned"] == refreshed.summary["target_pruned"] == k
+    assert refreshed.summary["achieved"] == pytest.approx(k / n_total, abs=1e-12)
+
+
+# --------------------------------------------------------------------- attention projections held as parameters
+
+
+class TinyAttention(nn.Module):
+    """8x8 digits as 8 tokens of 8 features: a Linear embedding, a position embedding (a bare parameter), one
+    nn.MultiheadAttention (in_proj_weight: a bare matrix; out_proj: a Linear) and a head."""
+
+    def __init__(self, dim: int = 16, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, dim)
+        self.pos = nn.Parameter(torch.randn(1, 8, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.flatten(1, 2)) + self.pos
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+def tiny_attention() -> TinyAttention:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return TinyAttention()
+
+
+def test_attention_in_projection_is_ranked_masked_and_kept_through_training(digits):
+    model = tiny_attention()
+    in_proj = model.attn.in_proj_weight.detach().clone()
+    n_total = sum(t.numel() for t in (model.embed.weight, in_proj, model.attn.out_proj.weight, model.head.weight))
+    result = run_globalmp(model, sparsity=0.8)
+    assert sorted(result.masks) == ["attn.in_proj_weight", "attn.out_proj.weight", "embed.weight", "head.weight"]
+    assert result.summary["prunable_weights"] == n_total
+    assert result.summary["counted_over"] == "conv/linear weights and attention input projections"
+    k = round(0.8 * n_total)
+    assert result.summary["pruned"] == k
+    mask = result.masks["attn.in_proj_weight"].bool()
+    assert 0 < int((~mask).sum()) < mask.numel()
+    assert torch.equal(model.attn.in_proj_weight == 0, ~mask)
+    assert torch.equal(model.attn.in_proj_weight[mask], in_proj[mask])
+    row = next(r for r in result.layers if r["param"] == "attn.in_proj_weight")
+    assert (row["name"], row["kind"], row["weights"]) == ("attn.in_proj_weight", "MultiheadAttention", in_proj.numel())
+    # the one global order spans the projection too
+    params = dict(model.named_parameters())
+    kept = torch.cat([params[n][m.bool()].abs().flatten() for n, m in result.masks.items()])
+    pruned = torch.cat([torch.cat([w.abs().flatten() for w in weights(tiny_attention()).values()]),
+                        in_proj.abs().flatten()])
+    assert kept.min() >= pruned.sort().values[k - 1]
+    # the position embedding is named, not silently left out
+    assert result.summary["excluded"] == [{"name": "pos", "kind": "TinyAttention", "shape": [1, 8, 16],
+                                           "weights": 128, "reason": result.summary["excluded"][0]["reason"]}]
+    assert "position embedding" in result.summary["excluded"][0]["reason"]
+    assert result.summary["excluded_weights"] == 128
+
+    from compress.config import FinetuneConfig
+    from compress.finetune import train
+
+    train(model, digits, FinetuneConfig(epochs=1, lr=0.05, batch_size=64, augment=False), masks=result.masks)
+    assert torch.equal(model.attn.in_proj_weight == 0, ~mask), "a pruned in-projection weight was revived"
+    assert sum(int((params[n] == 0).sum()) for n in result.masks) == k
+
+
+def test_attention_patterns_and_dry_run_plan():
+    from compress.methods.globalmp import plan
+
+    model = tiny_attention()
+    assert [layer.param_name for layer in prunable_layers(model, GlobalMPConfig())] == [
+        "embed.weight", "attn.in_proj_weight", "attn.out_proj.weight", "head.weight"]
+    assert [layer.param_name for layer in prunable_layers(model, GlobalMPConfig(exclude=("attn",)))] == [
+        "embed.weight", "attn.out_proj.weight", "head.weight"]
+    listing = plan(model, GlobalMPConfig(sparsity=0.5), Context(torch.zeros(1, 1, 8, 8)))
+    assert [r["name"] for r in listing["ranked"]] == [
+        "embed.weight", "attn.in_proj_weight", "attn.out_proj.weight", "head.weight"]
+    assert listing["to_prune"] == round(0.5 * listing["prunable_weights"])
+    assert [s["name"] for s in listing["skipped"]] == ["pos"] and listing["excluded"][0]["weights"] == 128
+    # a per-channel scale (C, 1, 1) is a vector, not a matrix left out: not listed
+    scaled = nn.Sequential(nn.Conv2d(1, 4, 3))
+    scaled.register_parameter("scale", nn.Parameter(torch.ones(4, 1, 1)))
+    assert plan(scaled, GlobalMPConfig(sparsity=0.5), Context(torch.zeros(1, 1, 8, 8)))["excluded"] == []
+    # separate q/k/v projections (kdim != embed_dim) are ranked too
+    cross = nn.MultiheadAttention(16, 2, kdim=8, vdim=8)
+    assert [layer.param_name for layer in prunable_layers(cross, GlobalMPConfig())] == [
+        "q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj.weight"]

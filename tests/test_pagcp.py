@@ -657,6 +657,117 @@ def test_untraceable_model_names_the_module():
     assert "'probe'" in message and "Peek" in message and "\n" not in message
 
 
+class ShuffleBlock(nn.Module):
+    """ShuffleNet V2's stride-1 unit, small: half the channels pass, half go through a branch, then a shuffle."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        half = channels // 2
+        self.branch = nn.Sequential(nn.Conv2d(half, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(),
+                                    nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                                    nn.BatchNorm2d(hidden),
+                                    nn.Conv2d(hidden, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        out = torch.cat((x1, self.branch(x2)), dim=1)
+        b, c, h, w = out.shape  # torchvision's channel_shuffle with 2 groups
+        return out.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class TinyShuffle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = ShuffleBlock(8, 6)
+        self.last = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.last(self.block(self.stem(x))).mean((2, 3)))
+
+
+def tiny_shuffle() -> TinyShuffle:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TinyShuffle()
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+        return model.eval()
+
+
+def assert_units_prune_exactly(model: nn.Module, x: torch.Tensor) -> list:
+    """Cutting half of each unit's channels gives the output of the dense model with those channels' weights
+    zeroed in the unit's consumers (a unit's channels reach nothing else), to float precision."""
+    graph = build_graph(model, x)
+    assert graph.units
+    reference = copy.deepcopy(model)
+    for unit in graph.units:
+        idxs = select(saliency(graph, unit), unit.channels // 2, unit.chunks)
+        dense = copy.deepcopy(reference)
+        consumers = dict(dense.named_modules())
+        with torch.no_grad():
+            for name in unit.consumers:
+                consumers[name].weight[:, idxs] = 0.0
+            expected = dense(x)
+        undo = prune_unit(graph, unit, idxs)
+        with torch.no_grad():
+            got = model(x)
+        undo()
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4), (unit.name, (got - expected).abs().max())
+    return graph
+
+
+def test_channel_shuffle_groups_are_left_alone_and_the_rest_prune_exactly():
+    """Torch-Pruning cannot follow a channel shuffle (a 4-D -> 5-D view, a transpose and a view back); with
+    PyTorch 2 it used to stop the trace with ZeroDivisionError. The groups whose channels pass through the shuffle
+    are skipped with the reason; every other group is a unit and prunes exactly."""
+    model, x = tiny_shuffle(), torch.randn(2, 3, 8, 8)
+    graph = assert_units_prune_exactly(model, x)
+    assert sorted(u.name for u in graph.units) == ["block.branch.3", "last.0"]  # root: the first one traced
+    assert graph.heads == ["fc"]
+    skipped = {s["name"]: s["reason"] for s in graph.skipped}
+    assert set(skipped) == {"stem.0", "block.branch.5"}, skipped
+    assert all("channel shuffle" in reason for reason in skipped.values()), skipped
+
+
+def test_shufflenet_v2_traces_and_its_units_prune_exactly():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    graph = assert_units_prune_exactly(model, torch.randn(2, 3, 32, 32))
+    names = {u.name for u in graph.units}
+    # the stem, every branch's inner channels (1x1 conv -> depthwise -> 1x1 conv) and the last 1x1 conv
+    assert {"conv1.0", "conv5.0"} <= names and len(names) == 18, names
+    assert graph.skipped and all("channel shuffle" in s["reason"] for s in graph.skipped), graph.skipped
+
+
+def test_a_probe_puts_back_attention_and_its_out_projection():
+    """Torch-Pruning prunes nn.MultiheadAttention's out_proj (a child module) with the attention: a probe's undo
+    puts it back too, so one unit's probe cannot corrupt the next (it left vit_b_16 with no unit prunable)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(x)
+    graph = build_graph(model, x)
+    assert any("self_attention" in name for unit in graph.units for name in unit.members)
+    for unit in graph.units:
+        undo = prune_unit(graph, unit, select(saliency(graph, unit), unit.channels // 2, unit.chunks))
+        undo()
+        after = model.state_dict()
+        assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state), unit.name
+        with torch.no_grad():
+            assert torch.equal(model(x), expected), unit.name
+
+
 def test_config_validation():
     with pytest.raises(UsageError, match="delta0"):
         PAGCPConfig(delta0=0)
@@ -670,7 +781,7 @@ def test_config_validation():
 # ------------------------------------------------------------------------------------------------ coverage
 
 COVERAGE = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vgg11_bn",
-            "densenet121", "regnet_x_400mf"]
+            "densenet121", "regnet_x_400mf", "shufflenet_v2_x0_5"]
 
 
 class _Random:

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig, matches, params_keep
 from compress.errors import UsageError
@@ -280,9 +282,12 @@ def divisors(n: int) -> list[int]:
 
 
 def find_candidates(model: nn.Module, include: tuple[str, ...], exclude: tuple[str, ...],
-                    groups: tuple[int, ...] = (), min_group_channels: int = 1,
+                    groups: tuple[int, ...] = (), min_group_channels: int = 1, example: torch.Tensor | None = None,
                     ) -> tuple[list[Candidate], list[dict[str, str]]]:
-    """Conv2d (groups = 1) and Linear layers selected by the patterns; grouped convolutions are listed as skipped.
+    """Conv2d (groups = 1) and Linear layers selected by the patterns; grouped convolutions are listed as skipped,
+    and so (given `example`, before any work) is every layer that a forward pass on it does not call, whose
+    parameters another module reads directly (`direct_reads`), or whose low-rank replacement stops that forward
+    (`replacement_breaks`).
 
     Each candidate's k are the divisors of its input channels that are in `groups` (when given) and leave at
     least `min_group_channels` channels per group; k = 1 is always allowed.
@@ -306,9 +311,106 @@ def find_candidates(model: nn.Module, include: tuple[str, ...], exclude: tuple[s
         cand.ks = [k for k in divisors(cand.c) if (allowed is None or k in allowed)
                    and (k == 1 or cand.c // k >= min_group_channels)]
         found.append(cand)
+    if found and example is not None:
+        reads = direct_reads(model, found, example)
+        found = [c for c in found if c.name not in reads]
+        reads.update(replacement_breaks(model, found, example))
+        skipped += [{"name": name, "reason": reason} for name, reason in reads.items()]
+        found = [c for c in found if c.name not in reads]
     if not found:
         raise UsageError("no Conv2d/Linear layers to decompose match `include`/`exclude`; loosen the patterns")
     return found, skipped
+
+
+@torch.no_grad()
+def replacement_breaks(model: nn.Module, candidates: list[Candidate], example: torch.Tensor) -> dict[str, str]:
+    """Layer name -> why it must stay dense, for the candidates whose replacement by a low-rank structure stops the
+    forward pass on `example` (a parent reading an attribute such as `in_features`, which `direct_reads` cannot
+    see). All are swapped in at once (rank 1, in place, put back after); only when that fails is each tried alone."""
+
+    def fails(group: list[Candidate]) -> str | None:
+        originals = [(c.name, c.module) for c in group]
+        try:
+            for c in group:
+                model.set_submodule(c.name, build_lowrank(c.module, 1, 1))
+            model(example[:1])
+        except Exception as exc:  # noqa: BLE001 - whatever the model's forward raises
+            return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+        finally:
+            for name, module in originals:
+                model.set_submodule(name, module)
+        return None
+
+    candidates = [c for c in candidates if c.name]  # the model itself cannot be swapped out
+    was_training = model.training
+    model.eval()
+    try:
+        if not candidates or fails(candidates) is None:
+            return {}
+        return {c.name: f"replacing it by its low-rank form breaks the forward pass ({error}); left dense"
+                for c in candidates if (error := fails([c])) is not None}
+    finally:
+        model.train(was_training)
+
+
+class _ReadWatch(TorchFunctionMode):
+    """Records, for each watched parameter, the first operation that uses it outside its own module's forward."""
+
+    def __init__(self, owners: dict[int, tuple[str, str, nn.Module]], running: list[nn.Module],
+                 names: dict[nn.Module, str]) -> None:
+        super().__init__()
+        self.owners, self.running, self.names = owners, running, names
+        self.outside: dict[str, tuple[str, str]] = {}  # layer -> (parameter, module running when it was read)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        for leaf in tree_leaves((args, kwargs)):
+            owner = self.owners.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if owner is not None and owner[2] not in self.running and owner[0] not in self.outside:
+                self.outside[owner[0]] = (owner[1], self.names.get(self.running[-1], "") if self.running else "")
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def direct_reads(model: nn.Module, candidates: list[Candidate], example: torch.Tensor) -> dict[str, str]:
+    """Layer name -> why it must stay dense, for the candidates whose parameters a forward pass on `example` uses
+    outside the layer's own forward (torchvision's Swin attention passes `qkv.weight` to F.linear itself), or that
+    it never calls. One forward pass, watched at the torch-function level, before any work."""
+    names = {m: n for n, m in model.named_modules()}
+    owners = {id(p): (c.name, k, c.module) for c in candidates for k, p in c.module.named_parameters(recurse=False)}
+    running: list[nn.Module] = []
+    called: set[nn.Module] = set()
+
+    def enter(module: nn.Module, _inputs: Any) -> None:
+        running.append(module)
+        called.add(module)
+
+    def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+        if running:
+            running.pop()
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    watch = _ReadWatch(owners, running, names)
+    was_training = model.training
+    model.eval()
+    try:
+        with watch:
+            model(example[:1])
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    reasons = {}
+    for cand in candidates:
+        if cand.name in watch.outside:
+            param, reader = watch.outside[cand.name]
+            where = f"{reader!r} ({type(model.get_submodule(reader)).__name__})" if reader else "the model"
+            reasons[cand.name] = (f"its {param!r} is read directly by {where} instead of through the layer's "
+                                  "forward, so a low-rank replacement would break that forward; left dense")
+        elif cand.module not in called:
+            reasons[cand.name] = "not called by the forward pass in eval mode (its parameters are used some other way, " \
+                                 "only in training, or not at all); left dense"
+    return reasons
 
 
 @torch.no_grad()
@@ -735,9 +837,9 @@ def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups
              prices: Prices | None = None, outside_ms: float | None = None) -> Prepared:
     """Candidates and budgets: by weights (keep or macs_keep), and with latency_keep by price on the backend
     (`prices`: a cost table to use instead of the backend's own, for tests)."""
-    candidates, skipped = find_candidates(model, cfg.include, cfg.exclude, groups,
-                                          getattr(cfg, "min_group_channels", 1))
     example = ctx.example_inputs
+    candidates, skipped = find_candidates(model, cfg.include, cfg.exclude, groups,
+                                          getattr(cfg, "min_group_channels", 1), example)
     by_weights = make_budget(model, candidates, example, params_keep(cfg), cfg.macs_keep)
     budgets: tuple[Any, ...] = (by_weights,) if by_weights is not None else ()
     if cfg.latency_keep is not None:

@@ -59,6 +59,7 @@ class Graph:
     ignored: list[str]
     skipped: list[dict[str, str]]
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    unmapped: set[Any] = field(default_factory=set)  # reshape nodes whose channel count Torch-Pruning lost
 
 
 def _tp():
@@ -102,26 +103,148 @@ def _flatten(out: Any) -> list[torch.Tensor]:
 
 
 def build_graph(model: nn.Module, example: torch.Tensor, ignore: tuple[str, ...] = ()) -> Graph:
-    """Trace `model` with Torch-Pruning and list its units; heads, ignored and unprunable groups are left alone."""
+    """Trace `model` with Torch-Pruning and list its units; heads, ignored and unprunable groups are left alone
+    (among them every group whose channels pass through a reshape that reorders them, such as ShuffleNet's
+    channel shuffle, which Torch-Pruning cannot follow)."""
     tp = _tp()
-    dg, captured = _trace(model, example)
+    dg, captured, unmapped = _trace(model, example)
     names = {m: n for n, m in model.named_modules()}
     user_ignored = {m for n, m in model.named_modules() if n and any(matches(n, p) for p in ignore)}
     scan = _Scan(dg, names, _output_nodes(dg, captured), user_ignored, tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR,
                  tp.ops.OPTYPE.OUTPUT)
-    graph = Graph(model, dg, [], [], [], [], dict(model.named_modules()))
-    for group in dg.get_all_groups(ignored_layers=[], root_module_types=(scan.conv, scan.linear)):
+    graph = Graph(model, dg, [], [], [], [], dict(model.named_modules()), unmapped)
+    for group in _groups(dg, graph, names, (scan.conv, scan.linear)):
         scan.add(graph, group)
     return graph
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> tuple[Any, list[Any]]:
-    """Torch-Pruning's dependency graph of `model` in eval mode, and the outputs the trace produced."""
+def _groups(dg: Any, graph: Graph, names: dict[nn.Module, str], root_types: tuple[type, ...]) -> Iterator[Any]:
+    """Torch-Pruning's groups, one per root (as `get_all_groups`), except those whose channels cannot be mapped:
+    a group Torch-Pruning fails to build, or one passing through a reshape that reorders channels (a channel
+    shuffle) or whose channel count it could not infer, goes to `graph.skipped` with the reason."""
+    visited: set[nn.Module] = set()
+    shuffles = any(_splits_channels(node) for node in dg.module2node.values())
+    for module in list(dg.module2node):
+        if not isinstance(module, root_types) or module in visited or module in dg.IGNORED_LAYERS_IN_TRACING:
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        channels = None if pruner is None else pruner.get_out_channels(module)
+        if channels is None:
+            continue
+        name = names.get(module, "?")
+        try:
+            group = _pruning_group(dg, graph.unmapped, module, pruner.prune_out_channels, list(range(channels)))
+        except Exception as exc:  # noqa: BLE001 - Torch-Pruning's index mappings raise anything on odd graphs
+            first = (str(exc).splitlines() or [""])[0][:120]
+            reason = f"Torch-Pruning cannot map its channels through the graph ({type(exc).__name__}: {first})"
+            if shuffles:
+                reason += "; the model splits channels in a view (a channel shuffle), which it does not follow"
+            graph.skipped.append({"name": name, "reason": reason})
+            visited.add(module)
+            continue
+        members = [dep.target.module for dep, _ in group if dg.is_out_channel_pruning_fn(dep.handler)
+                   and isinstance(dep.target.module, nn.Module)]
+        visited.update(members)
+        reason = _unmappable(group, graph.unmapped)
+        if reason:  # every layer of the group is left alone: each is named
+            graph.skipped.append({"name": name, "reason": reason})
+            graph.skipped += [{"name": names[m], "reason": f"coupled to {name!r}, whose {reason.removeprefix('its ')}"}
+                              for m in dict.fromkeys(members) if m is not module and isinstance(m, root_types)
+                              and m in names]
+            continue
+        yield group
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _reshape_shapes(grad_fn: Any) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """The input and output shapes of a view/reshape's autograd node (None where PyTorch does not keep them)."""
+    before = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if before is None:
+        before = getattr(grad_fn, "_saved_self_sizes", None)
+    metadata = getattr(grad_fn, "_input_metadata", None)
+    after = metadata[0].shape if metadata else None
+    return (_shape(before) if before is not None else None), (_shape(after) if after is not None else None)
+
+
+def _splits_dim1(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Whether `b` is `a` with its dimension 1 (the channels of N, C, ... layouts) split in two parts, both > 1."""
+    return (len(a) >= 3 and len(b) == len(a) + 1 and a[0] == b[0] and b[3:] == a[2:]
+            and b[1] * b[2] == a[1] and b[1] > 1 and b[2] > 1)
+
+
+def _splits_channels(node: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The shapes of a reshape node that splits dimension 1 in two (or merges it back), else None."""
+    if node.type != _tp().ops.OPTYPE.RESHAPE:
+        return None
+    before, after = _reshape_shapes(node.grad_fn)
+    if before and after and (_splits_dim1(before, after) or _splits_dim1(after, before)):
+        return before, after
+    return None
+
+
+def _unmappable(group: Any, unmapped: set[Any]) -> str | None:
+    """Why Torch-Pruning's index mapping of `group` cannot be trusted, or None."""
+    for dep, _ in group:
+        node = dep.target
+        if node in unmapped:
+            return "Torch-Pruning could not infer the channel count at a reshape on its path"
+        if shapes := _splits_channels(node):
+            return (f"its channels pass through a view that splits them in two dimensions ({list(shapes[0])} -> "
+                    f"{list(shapes[1])}: a channel shuffle or grouped reshape), whose channel order Torch-Pruning "
+                    "does not follow")
+    return None
+
+
+@contextmanager
+def _reshape_mapping(unmapped: set[Any]) -> Iterator[None]:
+    """Torch-Pruning 1.6's reshape index mapping, made to read PyTorch 2's name for a view's input shape.
+
+    It looks for `grad_fn._saved_self_sizes` (PyTorch 1.x), which PyTorch 2 calls `_saved_self_sym_sizes`, so
+    its guard "only 1-D and 4-D inputs" never runs and every view of a CNN is treated as a flatten; on a channel
+    shuffle (4-D -> 5-D -> transpose -> 4-D) its channel inference then gives 0 and it divides by it. Here a view
+    of another rank is left unmapped, as Torch-Pruning intends, and a view whose channels it cannot infer is
+    recorded in `unmapped` (the groups through it are skipped) instead of stopping the trace."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def update(graph: Any, node: Any) -> None:
+        before, _ = _reshape_shapes(node.grad_fn)
+        if before is not None and len(before) not in (1, 4):
+            return
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            unmapped.add(node)
+
+    index_mapping.update_reshape_index_mapping = update
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
+def _pruning_group(dg: Any, unmapped: set[Any], module: nn.Module, fn: Callable, idxs: list[int]) -> Any:
+    """`dg.get_pruning_group`, which recomputes every index mapping, with the reshape mapping fixed."""
+    with _reshape_mapping(unmapped):
+        return dg.get_pruning_group(module, fn, idxs)
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> tuple[Any, list[Any], set[Any]]:
+    """Torch-Pruning's dependency graph of `model` in eval mode, the outputs the trace produced, and the reshape
+    nodes whose index mapping failed."""
     tp = _tp()
     captured: list[Any] = []
+    unmapped: set[Any] = set()
     was_training = model.training
     model.eval()
-    with _module_stack(model) as stack, torch.enable_grad():
+    with _module_stack(model) as stack, torch.enable_grad(), _reshape_mapping(unmapped):
         try:
             dg = tp.DependencyGraph().build_dependency(
                 model, example, forward_fn=lambda m, x: m(x), verbose=False,
@@ -129,7 +252,7 @@ def _trace(model: nn.Module, example: torch.Tensor) -> tuple[Any, list[Any]]:
         except Exception as exc:  # noqa: BLE001 - tracing raises anything the model's forward can raise
             raise _untraceable(model, stack, exc) from None
     model.train(was_training)
-    return dg, captured
+    return dg, captured, unmapped
 
 
 def _untraceable(model: nn.Module, stack: list[str], exc: Exception) -> UsageError:
@@ -215,7 +338,7 @@ class _Scan:
 def _root_group(graph: Graph, unit: Unit, idxs: list[int]) -> Any:
     root = graph.modules[unit.name]
     pruner = graph.dg.get_pruner_of_module(root)
-    return graph.dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
+    return _pruning_group(graph.dg, graph.unmapped, root, pruner.prune_out_channels, idxs)
 
 
 def saliency(graph: Graph, unit: Unit, norm: str = "l1") -> torch.Tensor:
@@ -255,7 +378,7 @@ def removable(unit: Unit, ratio: float) -> int:
 
 def grid(step: float) -> list[float]:
     """The ratio grid step, 2 step, ... up to 0.95."""
-    count = int(math.floor(0.95 / step + 1e-9))
+    count = math.floor(0.95 / step + 1e-9)
     return [round(step * (i + 1), 10) for i in range(count)]
 
 
@@ -321,6 +444,8 @@ def prune_unit(graph: Graph, unit: Unit, idxs: list[int]) -> Callable[[], None]:
             parent = graph.model.get_submodule(name.rpartition(".")[0]) if "." in name else graph.model
             saved.append((parent, _snapshot(parent)))
             saved.append((target, _snapshot(target)))
+        elif isinstance(target.module, nn.Module):  # and its children: tp edits MultiheadAttention's out_proj
+            saved += [(module, _snapshot(module)) for module in target.module.modules()]
         elif not isinstance(target.module, nn.Parameter):
             saved.append((target.module, _snapshot(target.module)))
     with torch.no_grad():

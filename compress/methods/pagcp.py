@@ -351,7 +351,7 @@ def run_search(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: fl
 def select_top(search: Search, top_p: float) -> list[UnitLog]:
     """Keep the floor(P x U) units with the smallest loss rise per MAC removed (ties by search order)."""
     pruned = [log for log in search.logs if log.removed]
-    keep = int(math.floor(top_p * len(search.logs) + 1e-9))
+    keep = math.floor(top_p * len(search.logs) + 1e-9)
     kept = sorted(pruned, key=lambda log: (log.score, log.order))[:keep]
     chosen = {id(log) for log in kept}
     for log in search.logs:
@@ -458,6 +458,7 @@ class Round:
     selection: Selection
     trimmed: bool
     macs_entry: int
+    skipped: list[dict[str, str]] = field(default_factory=list)  # channel groups left alone, with the reason
 
 
 def _attempt(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: float, bound: Bound,
@@ -543,7 +544,7 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
     attempts: list[Attempt] = []
     for tau in _taus_to_try(cfg):
         bound = make_bound(cfg, oracle.tasks, tau)
-        run = lambda d0, b=bound: _attempt(model, units, cfg, d0, b, reference, oracle, example,  # noqa: E731
+        run = lambda d0, b=bound: _attempt(model, units, cfg, d0, b, reference, oracle, example,
                                            cache, macs_original, ctx.progress, meter)
         attempts += target_attempts(run, cfg, bound)
         if not _short(_pick(attempts, cfg), cfg):
@@ -557,7 +558,7 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
     bound = make_bound(cfg, oracle.tasks, chosen.tau)
     selection = hold_bound(model, removals, chosen.search.logs, bound, reference, oracle, example, cfg,
                            ctx.finalize, meter)
-    return Round(attempts, chosen, selection, trimmed, macs_entry)
+    return Round(attempts, chosen, selection, trimmed, macs_entry, graph.skipped)
 
 
 # --------------------------------------------------------------------------------------------------- apply
@@ -643,7 +644,7 @@ def apply(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> Result:
             break
     summary = _summary(model, cfg, oracle, rounds, example, params_before, (macs_before, macs_original, meter),
                        losses_original)
-    summary.update(_unit_counts(outcome))
+    summary.update(_unit_counts(outcome), skipped=outcome.skipped)
     summary["search_seconds"] = round(time.perf_counter() - started, 3)
     transform = channel_transform(model, original_shapes)
     return Result(model, layers=rows, summary=summary, transforms=[transform] if transform["modules"] else [],
