@@ -55,7 +55,7 @@ def _load(source: ModelSource, options: MeasureOptions) -> Loaded:
     loaded = source.load()
     loaded.model.cpu().eval()
     splits = load_data_for(loaded, options.data, options.seed)
-    inputs, calibration = measurement_data(splits, None)
+    inputs, calibration = measurement_data(splits)
     return Loaded(loaded, inputs, calibration, splits)
 
 

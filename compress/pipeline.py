@@ -495,16 +495,9 @@ class Describe(Stage):
         return state
 
 
-def measurement_data(splits: Splits, input_shape: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Test items to time and calibration items for int8, resized when another input size is asked for."""
-    inputs, calibration = splits.test.x[:64], splits.calibration.x[:CALIBRATION_ITEMS]
-    if input_shape is None or tuple(input_shape) == tuple(inputs.shape[1:]):
-        return inputs, calibration
-    if len(input_shape) != 3 or input_shape[0] != inputs.shape[1]:
-        raise UsageError(f"--input-shape {','.join(map(str, input_shape))} must be C,H,W with C = "
-                         f"{inputs.shape[1]}, the model's input channels")
-    resize = lambda x: torch.nn.functional.interpolate(x, size=tuple(input_shape[1:]), mode="bilinear")  # noqa: E731
-    return resize(inputs), resize(calibration)
+def measurement_data(splits: Splits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Test items to time and calibration items for int8, at the run's input shape (compress.data.inputs)."""
+    return splits.test.x[:64], splits.calibration.x[:CALIBRATION_ITEMS]
 
 
 def measure_into(report: dict[str, Any], candidate: nn.Module, baseline: nn.Module | None, inputs: torch.Tensor,
@@ -539,9 +532,8 @@ class Measure(Stage):
 
     def run(self, state: State) -> State:
         if distributed.current().is_main:
-            shape = state.options.measure.input_shape if state.options.measure else None
-            measure_into(state.report, state.model.cpu(), state.original.cpu(),
-                         *measurement_data(state.splits, shape), state.options)
+            measure_into(state.report, state.model.cpu(), state.original.cpu(), *measurement_data(state.splits),
+                         state.options)
         return state
 
 
@@ -567,7 +559,7 @@ class MeasureAgainst(Stage):
         candidate = state.model.cpu().eval()
         baseline = self.baseline or origin_of(state.loaded, verify=state.source.verify)
         reference = baseline.load().model.cpu().eval() if baseline is not None else None
-        inputs, calibration = measurement_data(state.splits, self.settings.input_shape)
+        inputs, calibration = measurement_data(state.splits)
         report = state.report
         report["input_shape"] = list(inputs.shape[1:])
         report["model"]["baseline_source"] = baseline.spec if baseline is not None else None

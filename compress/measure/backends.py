@@ -39,7 +39,6 @@ class LatencySettings:
     threads: int = 1
     runs: int = 20
     warmup: int = 3
-    input_shape: tuple[int, ...] | None = None  # C,H,W to time at; None: the data set's own
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.backends if b not in BACKENDS]
