@@ -375,7 +375,8 @@ def test_latency_target_counts_predicted_milliseconds(trained_mt, canvas, tmp_pa
     prices = CostModel("onnxruntime-cpu", batch=1, threads=1)
     outside = rest_ms(trained_mt, example, prices, measure_model_ms(trained_mt, example, prices))
     # the time outside the layers is measured again here, so the recomputed ratio agrees only within that noise
-    predicted = predict_ms(shipped, example, prices, outside) / predict_ms(trained_mt, example, prices, outside)
+    predicted = predict_ms(shipped, example, prices, outside, reference=trained_mt) / predict_ms(
+        trained_mt, example, prices, outside)
     assert predicted == pytest.approx(keep["achieved"], abs=0.05)
     figures = report["audit"]["figures"]
     low, high = figures["latency_measured_spread"]
