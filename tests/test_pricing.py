@@ -4,6 +4,7 @@ properties are exact; the real ONNX Runtime table in the slow test at the end)."
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -212,3 +213,95 @@ def test_the_time_outside_the_layers_scales_with_the_activations_handed_on():
 
     assert predict_ms(narrow, EXAMPLE, Flat(), 1.0, reference=model) == pytest.approx(ratio)
     assert predict_ms(decomposed, EXAMPLE, Flat(), 1.0, reference=model) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ landing a latency request as measured
+
+
+def test_calibration_is_the_identity_until_measured_and_monotone_after():
+    from compress.methods.pricing import Calibration
+
+    calibration = Calibration()
+    assert calibration.measured(0.7) == pytest.approx(0.7) and calibration.predicted(0.7) == pytest.approx(0.7)
+    calibration.add(0.8, 0.6)
+    calibration.add(0.6, 0.65)  # timing noise: a smaller prediction measured slower; the map stays monotone
+    grid = np.linspace(0.1, 1.2, 50)
+    mapped = [calibration.measured(p) for p in grid]
+    assert all(b >= a for a, b in itertools.pairwise(mapped))
+    assert calibration.measured(0.9) == pytest.approx(0.65 + (1 - 0.65) * 0.5)  # between (0.8, 0.65) and (1, 1)
+    assert calibration.measured(0.3) == pytest.approx(0.3 * 0.65 / 0.6)  # proportional below the points
+    for measured in (0.66, 0.8, 0.95):  # where the map rises, the inverse inverts it
+        assert calibration.measured(calibration.predicted(measured)) == pytest.approx(measured)
+
+
+@pytest.mark.parametrize("truth", [lambda p: 0.3 * p + 0.7 * p ** 3, lambda p: p ** 2, lambda p: min(1.0, 1.3 * p)])
+def test_landing_meets_the_measured_request_when_the_prediction_is_off(truth):
+    """A plan for every predicted ratio, timed by a model of the truth that the prediction gets wrong: the plan
+    taken measures within the landing tolerance of the request, in at most LANDING_STEPS measurements."""
+    from compress.methods.pricing import LANDING_STEPS, LANDING_TOLERANCE, Calibration, land
+
+    steps = np.round(np.linspace(0.05, 1.0, 400), 4)  # what the plans can reach, finely
+    built: dict[int, float] = {}  # each plan's model, and the predicted ratio it was planned at
+
+    def plan_at(target: float):
+        reach = float(steps[steps <= target].max(initial=steps[0]))
+        model = nn.Identity()
+        built[id(model)] = reach
+        return reach, reach, model
+
+    measured_calls = []
+
+    def measure(model: nn.Module) -> float:
+        measured_calls.append(model)
+        return truth(built[id(model)])
+
+    landing = land(0.6, plan_at, measure, Calibration())
+    assert len(measured_calls) <= LANDING_STEPS
+    assert abs(truth(landing.plan) - 0.6) <= LANDING_TOLERANCE * 0.6 + 0.01
+    taken = [t for t in landing.tried if t["taken"]]
+    assert len(taken) == 1 and taken[0]["measured"] == pytest.approx(truth(landing.plan))
+
+
+@pytest.mark.slow
+def test_latency_keep_lands_on_the_measured_latency_of_the_shipped_model(tmp_path, monkeypatch):
+    """ALDS --latency-keep 0.85 on the built-in classifier (ONNX Runtime, batch 1): the shipped model, reloaded and
+    timed here against the original (interleaved, 60 rounds, the measure module's own timing), runs at the
+    request within timing noise (15%); the report records every model measured while landing."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+    from compress.measure.backends import LatencySettings, measure_backends
+    from compress.models import load_model
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "costs"))
+    out = tmp_path / "lat"
+    result = CliRunner().invoke(app, ["prune", "--method", "alds", "--latency-keep", "0.85", "--finetune-epochs", "0",
+                                      "--no-latency", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    section = report["latency_target"]
+    assert 1 <= len(section["landing"]) <= 3 and sum(t["taken"] for t in section["landing"]) == 1
+    shipped, original = load_model(str(out)).model.eval(), load_model("rescnn").model.eval()
+    x = torch.randn(8, 1, 28, 28)
+    settings = LatencySettings(backends=("onnxruntime-cpu",), batches=(1,), threads=1, runs=60)
+    row = measure_backends(shipped, original, x[:1], x, settings, tmp_path / "timing")[0]
+    assert 1.0 / row.speedup <= 0.85 * 1.15, row
+
+
+def test_a_latency_keep_that_low_rank_cannot_reach_is_refused_as_measured(tmp_path, monkeypatch):
+    """The floor (every layer at its cheapest priced option) is measured before any work: 0.3 of the built-in
+    classifier's latency is out of reach, and the message gives the measured floor and the way on."""
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "costs"))
+    out = tmp_path / "unreachable"
+    result = CliRunner().invoke(app, ["prune", "--method", "alds", "--latency-keep", "0.3", "--finetune-epochs", "0",
+                                      "--no-latency", "--quiet", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "unreachable by low rank" in result.output and "measures" in result.output
+    assert "pagcp --latency-target" in result.output and "Traceback" not in result.output
+    assert not out.exists() or not any(out.iterdir())

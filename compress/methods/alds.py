@@ -14,6 +14,8 @@ projection onto the top-j singular subspace of each group.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable
@@ -798,6 +800,8 @@ def _summary(method: str, model: nn.Module, prep: Prepared, allocation: Allocati
     macs_after = count_macs(model, prep.example).macs if prep.macs_before is not None else None
     if budget.priced:
         achieved = allocation.cost / budget.total
+        if prep.calibration is not None:
+            achieved = prep.calibration.measured(achieved)
     elif macs_after is not None:
         achieved = macs_after / prep.macs_before
     else:
@@ -831,6 +835,8 @@ class Prepared:
     also: tuple[Budget, ...]
     params_before: int
     macs_before: int | None
+    calibration: pricing.Calibration | None = None  # a latency budget's measured points (pricing.land)
+    landing: list[dict[str, float]] = field(default_factory=list)
 
 
 def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups: tuple[int, ...] = (),
@@ -842,29 +848,99 @@ def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups
                                           getattr(cfg, "min_group_channels", 1), example)
     by_weights = make_budget(model, candidates, example, params_keep(cfg), cfg.macs_keep)
     budgets: tuple[Any, ...] = (by_weights,) if by_weights is not None else ()
+    calibration = None
     if cfg.latency_keep is not None:
         pricing.priced_ks(candidates)
         by_time = pricing.latency_budget(model, candidates, example, cfg, prices or pricing.cost_model_for(cfg),
                                          outside_ms)
+        if isinstance(by_time.prices, pricing.CostModel):
+            calibration = pricing.Calibration()
+            by_time = _aimed(model, candidates, by_time, calibration, example, _calibration_x(ctx))
         budgets = (by_time, *budgets)
     macs_before = by_weights.total if by_weights is not None and by_weights.counted_over == "MACs" else None
     return Prepared(candidates, skipped, example, budgets[0], budgets[1:],
-                    sum(p.numel() for p in model.parameters()), macs_before)
+                    sum(p.numel() for p in model.parameters()), macs_before, calibration)
+
+
+def _calibration_x(ctx: Context) -> torch.Tensor:
+    """The items the latency measurements export and run on."""
+    return ctx.splits.calibration.x[:64] if ctx.splits is not None else ctx.example_inputs
+
+
+def _aimed(model: nn.Module, candidates: list[Candidate], budget: Any, calibration: pricing.Calibration,
+           example: torch.Tensor, calibration_x: torch.Tensor) -> Any:
+    """The latency budget aimed at the predicted ratio that stands for the request, from one measured probe: the
+    model with every layer at its cheapest priced option (random weights: only its time counts). A request that
+    even this floor misses, as measured, is refused before any work."""
+    floor = copy.deepcopy(model).eval()
+    floor_ms = budget.fixed
+    for index, cand in enumerate(candidates):
+        k, rank, ms = min(((k, int(r), float(m)) for k in cand.ks for r, m in zip(*budget.options(index, cand, k))),
+                          key=lambda option: option[2])
+        floor_ms += ms
+        if cand.decomposes(k, rank):
+            floor.set_submodule(cand.name, build_lowrank(cand.module, k, rank))
+    predicted = floor_ms / budget.total
+    measured = pricing.measured_ratio(floor, model, example, calibration_x, budget.prices.backend,
+                                      budget.prices.batch)["latency_measured"]
+    calibration.add(predicted, measured)
+    if measured > budget.requested * (1 + pricing.LANDING_TOLERANCE):
+        raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable by low rank: every "
+                         f"decomposable layer at its cheapest priced option measures {measured:.3f} of the original "
+                         f"(predicted {predicted:.3f}); raise the keep ratio, or remove channels (pagcp "
+                         "--latency-target), which also shrinks the time outside the layers")
+    return dataclasses.replace(budget, aim=max(calibration.predicted(budget.requested), predicted))
 
 
 def _final(model: nn.Module, prep: Prepared, ks: list[int],
            level_curves: Callable[[list[Factors]], list[Curve]] | None, split_ties: bool,
-           progress: Callable[[str, int, int], None] | None) -> tuple[Allocation, list[Factors], list[Curve]]:
-    """float64 factors for the chosen k's, the exact ALDS curves, and the allocation (by `level_curves` if given)."""
+           ctx: Context) -> tuple[Allocation, list[Factors], list[Curve]]:
+    """float64 factors for the chosen k's, the exact ALDS curves, and the allocation (by `level_curves` if given);
+    a latency budget on a real backend is then landed on the measured latency (`_landed`)."""
     factors = []
     for index, (cand, k) in enumerate(zip(prep.candidates, ks)):
         factors.append(exact_factors(cand.module.weight, k))
-        if progress:
-            progress("decompose: spectra", index + 1, len(prep.candidates))
+        if ctx.progress:
+            ctx.progress("decompose: spectra", index + 1, len(prep.candidates))
     curves = [error_curve(fac.k, fac.sigma, fac.norm) for fac in factors]
     levels = level_curves(factors) if level_curves else curves
-    allocation = allocate(prep.candidates, levels, prep.budget, split_ties=split_ties, errors=curves, also=prep.also)
+
+    def allocate_at(budget: Budget) -> Allocation:
+        return allocate(prep.candidates, levels, budget, split_ties=split_ties, errors=curves, also=prep.also)
+
+    allocation = allocate_at(prep.budget)
+    if prep.budget.priced and isinstance(prep.budget.prices, pricing.CostModel):
+        allocation = _landed(model, prep, allocation, allocate_at, factors, curves, ctx)
     return allocation, factors, curves
+
+
+def _landed(model: nn.Module, prep: Prepared, first: Allocation, allocate_at: Callable[[Any], Allocation],
+            factors: list[Factors], curves: list[Curve], ctx: Context) -> Allocation:
+    """The latency request met as measured: ranks re-allocated (the k's kept) at the predicted ratio that the
+    models measured so far say stands for it (pricing.land); each trial is built on a copy and timed against the
+    original. A predicted ratio below what the layers can reach keeps the smallest reachable allocation."""
+    budget = prep.budget
+    calibration_x = _calibration_x(ctx)
+    prices = budget.prices
+
+    def plan_at(target: float) -> tuple[Allocation, float, nn.Module]:
+        trial = first
+        if abs(target - budget.aimed) > 1e-12:
+            try:
+                trial = allocate_at(dataclasses.replace(budget, aim=target))
+            except UsageError:
+                trial = first
+        built = copy.deepcopy(model).eval()
+        decompose(built, prep.candidates, factors, trial, curves, budget)
+        return trial, trial.cost / budget.total, built
+
+    def measure(built: nn.Module) -> float:
+        return pricing.measured_ratio(built, model, prep.example, calibration_x, prices.backend,
+                                      prices.batch)["latency_measured"]
+
+    landing = pricing.land(budget.requested, plan_at, measure, prep.calibration or pricing.Calibration())
+    prep.landing = landing.tried
+    return landing.plan
 
 
 def _finish(method: str, model: nn.Module, prep: Prepared, allocation: Allocation, factors: list[Factors],
@@ -875,7 +951,8 @@ def _finish(method: str, model: nn.Module, prep: Prepared, allocation: Allocatio
     if prep.budget.priced:
         pricing.layer_times(rows, model, prep.example, prep.budget, list(zip(allocation.ks, allocation.ranks)),
                             prep.candidates)
-        sections["latency_target"] = pricing.latency_section(prep.budget, allocation.cost, prep.budget.prices)
+        sections["latency_target"] = pricing.latency_section(prep.budget, allocation.cost, prep.budget.prices,
+                                                             prep.calibration, prep.landing)
     summary = _summary(method, model, prep, allocation, rows, extra)
     sections["keep"] = summary["keep"]
     return Result(model, layers=rows, summary=summary, transforms=transforms, sections=sections)
@@ -920,7 +997,7 @@ def run_alds(model: nn.Module, cfg: ALDSConfig, ctx: Context, prices: Prices | N
     prep = _prepare(model, cfg, ctx, cfg.groups, prices, outside_ms)
     search = KSearch(prep.candidates, prep.budget, ctx.progress, prep.also)
     best, log = search.run(cfg.seeds, cfg.rounds, ctx.seed)
-    allocation, factors, curves = _final(model, prep, best.ks, None, False, ctx.progress)
+    allocation, factors, curves = _final(model, prep, best.ks, None, False, ctx)
     return _finish("alds", model, prep, allocation, factors, curves,
                    {"search": dict(log, seeds_tried=cfg.seeds, rounds=cfg.rounds, search_eps=best.eps_star)})
 
@@ -946,7 +1023,7 @@ def run_svd(method: str, model: nn.Module, cfg: SVDConfig, ctx: Context, prices:
         return levels
 
     allocation, factors, curves = _final(model, prep, [1] * len(prep.candidates), level_curves, method == "svd",
-                                         ctx.progress)
+                                         ctx)
     if method == "svd":
         relative = [r / c.max_rank(1) for r, c in zip(allocation.ranks, prep.candidates)]
         extra: dict[str, Any] = {"relative_rank": {"min": min(relative), "max": max(relative)}}

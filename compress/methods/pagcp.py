@@ -459,6 +459,7 @@ class Round:
     trimmed: bool
     macs_entry: int
     skipped: list[dict[str, str]] = field(default_factory=list)  # channel groups left alone, with the reason
+    landing: list[dict[str, float]] = field(default_factory=list)  # latency target: each selection timed
 
 
 def _attempt(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: float, bound: Bound,
@@ -550,15 +551,37 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
         if not _short(_pick(attempts, cfg), cfg):
             break
     chosen = _pick(attempts, cfg)
+    bound = make_bound(cfg, oracle.tasks, chosen.tau)
+    if meter.measure is not None and cfg.target is not None:
+        landing = _land_latency(model, chosen, bound, reference, oracle, example, cfg, ctx, meter)
+        removals = landing.plan.removals
+        return Round(attempts, chosen, landing.plan, removals != removals_of(chosen.kept), macs_entry,
+                     graph.skipped, landing.tried)
     removals, trimmed = removals_of(chosen.kept), False
     if cfg.target is not None and chosen.keep < cfg.target - cfg.macs_tolerance:
         removals = trim_to_target(model, chosen.kept, cfg.target + cfg.macs_tolerance, macs_original,
                                   example, cfg, meter)
         trimmed = True
-    bound = make_bound(cfg, oracle.tasks, chosen.tau)
     selection = hold_bound(model, removals, chosen.search.logs, bound, reference, oracle, example, cfg,
                            ctx.finalize, meter)
     return Round(attempts, chosen, selection, trimmed, macs_entry, graph.skipped)
+
+
+def _land_latency(model: nn.Module, chosen: Attempt, bound: Bound, reference: np.ndarray, oracle: Oracle,
+                  example: torch.Tensor, cfg: PAGCPConfig, ctx: Context, meter: Meter) -> pricing.Landing[Selection]:
+    """A latency target met as measured: the chosen search's units trimmed (in score order) to a predicted ratio,
+    the selection held to the bound and timed against the original, the prediction recalibrated, and trimmed
+    again (pricing.land)."""
+    assert meter.measure is not None and meter.predicted_ratio is not None and meter.calibration is not None
+    predicted = Meter(meter.counted_over, meter.predicted_ratio)
+
+    def plan_at(target: float) -> tuple[Selection, float, nn.Module]:
+        removals = trim_to_target(model, chosen.kept, target, 1.0, example, cfg, predicted)
+        selection = hold_bound(model, removals, chosen.search.logs, bound, reference, oracle, example, cfg,
+                               ctx.finalize, meter)
+        return selection, predicted.cost(selection.model), selection.model
+
+    return pricing.land(float(cfg.target), plan_at, meter.measure, meter.calibration)
 
 
 # --------------------------------------------------------------------------------------------------- apply
@@ -613,9 +636,16 @@ def _target_state(keep: float, cfg: PAGCPConfig) -> str | None:
     """"met", "short" (kept more MACs than allowed) or "overshoot" (removed more than asked); None: no target."""
     if cfg.target is None:
         return None
-    if keep > cfg.target + cfg.macs_tolerance:
+    if keep > cfg.target + _tolerance(cfg):
         return "short"
-    return "overshoot" if keep < cfg.target - cfg.macs_tolerance else "met"
+    return "overshoot" if keep < cfg.target - _tolerance(cfg) else "met"
+
+
+def _tolerance(cfg: PAGCPConfig) -> float:
+    """How far from the target a result still meets it: `macs_tolerance`, and for a latency target also the
+    timing noise a measured ratio carries (pricing.LATENCY_TOLERANCE of the target)."""
+    noise = pricing.LATENCY_TOLERANCE * cfg.target if cfg.latency_target is not None and cfg.target else 0.0
+    return cfg.macs_tolerance + noise
 
 
 def apply(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> Result:
@@ -625,8 +655,9 @@ def apply(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> Result:
     oracle = _oracle(cfg, ctx)
     model.eval()
     original_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    meter = (pricing.latency_meter(model, example, cfg.backend, cfg.latency_batch) if cfg.latency_target is not None
-             else pricing.macs_meter(example))
+    calibration_x = ctx.splits.calibration.x[:64] if ctx.splits is not None else None
+    meter = (pricing.latency_meter(model, example, cfg.backend, cfg.latency_batch, calibration_x)
+             if cfg.latency_target is not None else pricing.macs_meter(example))
     params_before, macs_original = count_params(model).total, meter.cost(model)
     macs_before = count_macs(model, example).macs
     losses_original = oracle.losses(model)
@@ -658,7 +689,7 @@ def _round_summary(outcome: Round, macs_original: int, names: list[str], index: 
     return {"round": index, "tau": chosen.tau, "delta0": chosen.delta0, "lambda": chosen.search.lam,
             "macs_keep": selection.macs / macs_original, "macs_keep_entry": outcome.macs_entry / macs_original,
             "units_pruned": len(selection.removals), "trimmed_to_target": outcome.trimmed,
-            "dropped_for_bound": selection.dropped,
+            "dropped_for_bound": selection.dropped, **({"latency_landing": outcome.landing} if outcome.landing else {}),
             "losses_reference": dict(zip(names, map(float, reference))),
             "losses_after": dict(zip(names, map(float, selection.losses))),
             "loss_ratios": loss_ratios(names, selection.losses, reference),
@@ -693,6 +724,8 @@ def _summary(model: nn.Module, cfg: PAGCPConfig, oracle: Oracle, rounds: list[di
         "tau_bound_ok": not bool(bound.broken(final, reference).any()),
         "keep": {"requested": cfg.target, "achieved": kept, "counted_over": meter.counted_over},
     }
+    if meter.calibration is not None:
+        summary["latency_calibration"] = meter.calibration.to_dict()
     if cfg.target is not None:
         state = _target_state(kept, cfg)
         summary.update(macs_target=cfg.target, macs_tolerance=cfg.macs_tolerance, target_state=state,
@@ -747,31 +780,37 @@ def audit(result: Result, cfg: PAGCPConfig, shipped: nn.Module, original: nn.Mod
 
 def _audit_target(outcome: AuditOutcome, cfg: PAGCPConfig, shipped: nn.Module, original: nn.Module,
                   ctx: Context, summary: dict[str, Any]) -> None:
-    """The target from both sides, counted afresh on both models: MACs, or predicted latency (and then the
-    latency measured against the original, interleaved, on the priced backend)."""
+    """The target from both sides, counted afresh on both models: MACs, or the latency measured against the
+    original (interleaved, on the priced backend), short only when its whole p25-p75 lies beyond the tolerance."""
     example = ctx.example_inputs
     if cfg.latency_target is not None:
-        meter = pricing.latency_meter(original, example, cfg.backend, cfg.latency_batch)
-        keep, what = meter.cost(shipped) / meter.cost(original), "of the original's predicted latency"
-        outcome.figures["latency_keep_predicted"] = keep
         calibration = ctx.splits.calibration.x[:64] if ctx.splits is not None else example
-        problems, figures = pricing.audit_latency(shipped, original, example, calibration, cfg.backend,
-                                                  cfg.latency_batch, cfg.latency_target + cfg.macs_tolerance)
-        outcome.problems += problems
-        outcome.figures.update(figures)
+        figures = pricing.measured_ratio(shipped, original, example, calibration, cfg.backend, cfg.latency_batch)
+        outcome.figures.update(figures, latency_requested=cfg.latency_target)
+        keep, what = figures["latency_measured"], f"of the original's latency measured on {cfg.backend}"
+        low, high = figures["latency_measured_spread"]
+        tolerance = _tolerance(cfg)
+        state = ("short" if low > cfg.target + tolerance else
+                 "overshoot" if high < cfg.target - tolerance else "met")
     else:
         keep, what = count_macs(shipped, example).macs / count_macs(original, example).macs, "of the original MACs"
         outcome.figures["macs_keep"] = keep
-    state = _target_state(keep, cfg)
+        state = _target_state(keep, cfg)
+    _target_problem(outcome, cfg, state, keep, what, summary)
+
+
+def _target_problem(outcome: AuditOutcome, cfg: PAGCPConfig, state: str | None, keep: float, what: str,
+                    summary: dict[str, Any]) -> None:
+    """The audit's line for a target missed from either side."""
     if state == "short":
         tau = summary.get("tau_used", cfg.tau)
         outcome.problems.append(
-            f"kept {keep:.4f} {what}, target {cfg.target} ± {cfg.macs_tolerance}: that is as far "
+            f"kept {keep:.4f} {what}, target {cfg.target} ± {_tolerance(cfg):.3g}: that is as far "
             f"as the loss bound tau = {tau:g} allows in {len(summary.get('rounds', [])) or 1} round(s); raise `tau` "
             "(or allow `max_tau`), or prune in rounds with fine-tuning between them (`rounds` auto)")
     elif state == "overshoot":
         outcome.problems.append(
-            f"kept {keep:.4f} {what}, below the target {cfg.target} - {cfg.macs_tolerance}: "
+            f"kept {keep:.4f} {what}, below the target {cfg.target} - {_tolerance(cfg):.3g}: "
             "more was removed than asked (no unit could be cut finely enough); raise `macs_tolerance` or lower "
             "`round_to`")
 

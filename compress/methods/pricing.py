@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,10 @@ from compress.measure.costs import CostModel, LayerSite, measure_model_ms, predi
 MIN_PRICED_GROUP_CHANNELS = 16  # narrower groups make GEMMs too small to run fast on dense runtimes
 LATENCY_TOLERANCE = 0.10        # a measured latency ratio may exceed the request by this much (timing noise)
 AUDIT_RUNS = 30
+LANDING_STEPS = 3               # whole-model measurements a latency target may take to land (each ~1-3 s)
+LANDING_TOLERANCE = 0.05        # a measured ratio this close to the request (relative) has landed
+
+Plan = TypeVar("Plan")
 
 
 class Prices(Protocol):
@@ -54,6 +58,7 @@ class LatencyBudget:
     step: int
     margin: float
     priced: bool = True
+    aim: float | None = None  # the predicted ratio that stands for `requested` as measured (Calibration), if known
     _options: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
@@ -62,8 +67,13 @@ class LatencyBudget:
         return self.fixed + sum(self.dense_ms)
 
     @property
+    def aimed(self) -> float:
+        """The predicted ratio the allocation aims at: `aim`, else the request itself."""
+        return self.requested if self.aim is None else self.aim
+
+    @property
     def target(self) -> float:
-        return self.requested * self.total
+        return self.aimed * self.total
 
     def within(self, cost: float) -> bool:
         """A latency target is a ceiling: met when the predicted time is at or under it."""
@@ -135,11 +145,15 @@ def layer_times(rows: list[dict[str, Any]], model: nn.Module, example: torch.Ten
         row.update(dense_ms=budget.dense_ms[index], predicted_ms=predicted, measured_ms=float(measured))
 
 
-def latency_section(budget: LatencyBudget, cost: float, prices: Prices) -> dict[str, Any]:
-    """The report's latency section of a priced decomposition: requested, predicted, and the cost table used."""
+def latency_section(budget: LatencyBudget, cost: float, prices: Prices, calibration: Calibration | None = None,
+                    landing: list[dict[str, float]] | None = None) -> dict[str, Any]:
+    """The report's latency section of a priced decomposition: requested, predicted (and calibrated on the models
+    measured while landing), and the cost table used."""
     section = {"backend": budget.counted_over, "requested": budget.requested, "predicted": cost / budget.total,
                "original_predicted_ms": budget.total, "predicted_ms": cost, "outside_layers_ms": budget.fixed,
                "rank_step": budget.step, "dense_margin": budget.margin}
+    if calibration is not None:
+        section.update(calibrated=calibration.measured(cost / budget.total), landing=landing or [])
     if isinstance(prices, CostModel):
         prices.save()
         section["cost_table"] = prices.summary()
@@ -179,13 +193,102 @@ def audit_latency(shipped: nn.Module, original: nn.Module, example: torch.Tensor
     return [], figures
 
 
+@dataclass
+class Calibration:
+    """Measured against predicted latency ratios (to the original) of whole models on the priced backend.
+
+    Prices are one-layer graphs timed warm and apart from the model; inside a model, layers share caches, fuse with
+    their neighbours and change layout, and the time outside them does not shrink with the activations alone, so
+    a heavily pruned model ran 2x faster than predicted on resnet18 (reports/speed.md). Every model a method
+    measures adds a point; the map through them (and (1, 1): the original) is monotone and piecewise linear,
+    proportional beyond the outermost points. With no point but (1, 1) it is the identity.
+    """
+
+    points: list[tuple[float, float]] = field(default_factory=lambda: [(1.0, 1.0)])
+
+    def add(self, predicted: float, measured: float) -> None:
+        """A whole model's predicted and measured latency ratio."""
+        self.points.append((float(predicted), float(measured)))
+
+    def _curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Points sorted by prediction, the measured ratios made non-decreasing (timing noise can invert two)."""
+        pairs = sorted(self.points)
+        x = np.array([p for p, _ in pairs])
+        y = np.maximum.accumulate(np.array([m for _, m in pairs]))
+        return x, y
+
+    def measured(self, predicted: float) -> float:
+        """The measured ratio a predicted one stands for."""
+        return _through(predicted, *self._curve())
+
+    def predicted(self, measured: float) -> float:
+        """The predicted ratio that stands for a measured one (the inverse map)."""
+        x, y = self._curve()
+        return _through(measured, y, x)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"points": [{"predicted": p, "measured": m} for p, m in self.points[1:]]}
+
+
+def _through(value: float, x: np.ndarray, y: np.ndarray) -> float:
+    """Piecewise linear through (x, y), x ascending; proportional to the nearest end point outside them."""
+    keep = np.concatenate([np.diff(x) > 1e-12, [True]])  # of tied x, the last: a flat run ends where it rises
+    x, y = x[keep], y[keep]
+    if value <= x[0]:
+        return float(value * y[0] / x[0]) if x[0] > 0 else float(value)
+    if value >= x[-1]:
+        return float(value * y[-1] / x[-1])
+    return float(np.interp(value, x, y))
+
+
+@dataclass
+class Landing(Generic[Plan]):
+    """What landing a latency target tried: each plan's predicted and measured ratio, and the one taken."""
+
+    plan: Plan
+    tried: list[dict[str, float]]
+
+
+def land(requested: float, plan_at: Callable[[float], tuple[Plan, float, nn.Module]],
+         measure: Callable[[nn.Module], float], calibration: Calibration) -> Landing[Plan]:
+    """Meet a latency ratio as measured, not as predicted: plan at the predicted ratio that the calibration says
+    stands for `requested`, measure the model the plan builds, add the point, and plan again (at most
+    LANDING_STEPS times) until the measured ratio lands within LANDING_TOLERANCE.
+
+    `plan_at(predicted_target)` returns the plan, its predicted ratio and the model it builds. The plan taken is
+    the least compressed of those measured at or under the request (plus the tolerance), else the fastest.
+    """
+    tried: list[tuple[float, float, Plan]] = []
+    target = calibration.predicted(requested)
+    for _ in range(LANDING_STEPS):
+        plan, predicted, model = plan_at(target)
+        if any(abs(predicted - p) < 1e-9 for p, _, _ in tried):
+            break  # the same model again: the plan cannot move further that way
+        measured = measure(model)
+        calibration.add(predicted, measured)
+        tried.append((predicted, measured, plan))
+        again = calibration.predicted(requested)
+        if abs(measured - requested) <= LANDING_TOLERANCE * requested or abs(again - target) < 1e-3:
+            break
+        target = again
+    meets = [i for i, t in enumerate(tried) if t[1] <= requested * (1 + LANDING_TOLERANCE)]
+    taken = (max(meets, key=lambda i: tried[i][1]) if meets
+             else min(range(len(tried)), key=lambda i: tried[i][1]))
+    return Landing(tried[taken][2], [{"predicted": p, "measured": m, "taken": i == taken}
+                                     for i, (p, m, _) in enumerate(tried)])
+
+
 @dataclass(frozen=True)
 class Meter:
     """What a target counts on a whole model: its MACs, or its predicted milliseconds on a backend (the time
-    outside its Conv2d/Linear layers measured once on the original, plus each layer's price at its widths)."""
+    outside its Conv2d/Linear layers measured once on the original, plus each layer's price at its widths), mapped
+    through the calibration of the models measured so far (`measure`: a whole model's measured latency ratio)."""
 
     counted_over: str
     cost: Callable[[nn.Module], float]
+    calibration: Calibration | None = None
+    measure: Callable[[nn.Module], float] | None = None
+    predicted_ratio: Callable[[nn.Module], float] | None = None
 
 
 def macs_meter(example: torch.Tensor) -> Meter:
@@ -193,16 +296,26 @@ def macs_meter(example: torch.Tensor) -> Meter:
     return Meter("MACs", lambda model: float(count_macs(model, example).macs))
 
 
-def latency_meter(original: nn.Module, example: torch.Tensor, backend: str, batch: int) -> Meter:
-    """Predicted latency on `backend` at `batch` (one thread), priced from the cost table (cached on disk); the
-    time outside the layers scales with the activations the model hands between them (costs.predict_ms)."""
+def latency_meter(original: nn.Module, example: torch.Tensor, backend: str, batch: int,
+                  calibration_x: torch.Tensor | None = None) -> Meter:
+    """Predicted latency on `backend` at `batch` (one thread), priced from the cost table (cached on disk), in
+    milliseconds of the original; the time outside the layers scales with the activations the model hands between
+    them (costs.predict_ms); the ratio to the original goes through the meter's calibration, which grows with every
+    model `measure` times against the original (interleaved, whole models)."""
     prices = CostModel(backend, batch=batch, threads=1)
     reference = copy.deepcopy(original).eval()  # the method prunes `original` in place
     outside = rest_ms(reference, example, prices, measure_model_ms(reference, example, prices))
+    original_ms = predict_ms(reference, example, prices, outside)
+    calibration = Calibration()
 
-    def cost(model: nn.Module) -> float:
+    def ratio(model: nn.Module) -> float:
         predicted = predict_ms(model, example, prices, outside, reference=reference)
         prices.save()
-        return predicted
+        return predicted / original_ms
 
-    return Meter(f"predicted latency ({backend}, batch {batch})", cost)
+    def measure(model: nn.Module) -> float:
+        x = calibration_x if calibration_x is not None else example
+        return measured_ratio(model, reference, example, x, backend, batch)["latency_measured"]
+
+    return Meter(f"predicted latency ({backend}, batch {batch}; calibrated on measured models)",
+                 lambda model: original_ms * calibration.measured(ratio(model)), calibration, measure, ratio)
