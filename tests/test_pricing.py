@@ -157,6 +157,48 @@ def test_keep_and_latency_keep_together_the_first_to_bind_wins():
     assert loose.sections["latency_target"]["predicted"] <= 0.4 + 1e-9  # the latency budget binds there
 
 
+def test_what_the_worst_layer_leaves_of_the_budgets_is_spent_without_raising_it():
+    """With coarse options the step after eps* can be a whole dense layer; the later steps that still fit every
+    budget are taken: afterwards no decomposed layer can take its next option within both budgets (recomputed from
+    the shipped modules' parameters and prices), and eps* is the worst shipped layer's bound."""
+    from compress.measure.costs import sites_of
+    from compress.methods.alds import find_candidates
+    from compress.methods.pricing import LatencyBudget
+
+    class OnlyRank8PaysInC3(MacPrices):  # c3's one decomposed option is rank 8: its next step is dense
+        def lowrank_ms(self, site, k, ranks):
+            ms = super().lowrank_ms(site, k, ranks)
+            return np.where((np.asarray(ranks) > 8) & (site.in_ch == 64) & (site.op == "conv2d"), 1e3, ms)
+
+    prices = OnlyRank8PaysInC3()
+    n_before = sum(p.numel() for p in wide().parameters())
+    model, result = priced(ALDSConfig(latency_keep=0.7, keep=0.6, seeds=3, rounds=2), prices)
+    n_after = sum(p.numel() for p in model.parameters())
+    shipped_ms, original_ms = predicted_ms(model, prices), predicted_ms(wide(), prices)
+    assert n_after <= 0.6 * n_before * (1 + 1e-9) and shipped_ms <= 0.7 * original_ms * (1 + 1e-9)
+    decomposed = {r["name"]: r for r in result.layers if r["decomposed"]}
+    assert result.summary["eps_star"] == pytest.approx(max(r["eps_bound"] for r in decomposed.values()))
+    candidates, _ = find_candidates(wide(), (), (), (), 1, EXAMPLE)
+    for index, cand in enumerate(candidates):
+        row = decomposed.get(cand.name)
+        if row is None:
+            continue
+        site = sites_of(wide(), EXAMPLE)[cand.name]
+        budget = LatencyBudget(prices, (site,) * (index + 1), (prices.site_ms(site),) * (index + 1), 0.0, 1.0,
+                               "t", 8, 0.1)
+        ranks, ms = budget.options(index, cand, row["groups"])
+        later = [(j, m) for j, m in zip(ranks.tolist(), ms.tolist()) if j > row["rank"]]
+        if not later:
+            continue
+        j, m = later[0]
+        now_ms = float(budget.cost_at(index, cand, row["groups"], np.array([row["rank"]]))[0])
+        extra_params = (min(cand.dense, j * cand.per_rank(row["groups"]))
+                        - row["rank"] * cand.per_rank(row["groups"]))
+        fits_params = n_after + extra_params <= 0.6 * n_before * (1 + 1e-9)
+        fits_time = shipped_ms + m - now_ms <= 0.7 * original_ms * (1 + 1e-9)
+        assert not (fits_params and fits_time), (cand.name, row["rank"], j)
+
+
 # ------------------------------------------------------------------------------ the real table, the real backend
 
 @pytest.mark.slow
