@@ -904,7 +904,8 @@ def _aimed(model: nn.Module, candidates: list[Candidate], budget: Any, calibrati
            example: torch.Tensor, calibration_x: torch.Tensor) -> Any:
     """The latency budget aimed at the predicted ratio that stands for the request, from one measured probe: the
     model with every layer at its cheapest priced option (random weights: only its time counts). A request that
-    even this floor misses, as measured, is refused before any work."""
+    even this floor misses, as measured, by more than the audit allows for timing noise, is refused before any
+    work."""
     floor = copy.deepcopy(model).eval()
     floor_ms = budget.fixed
     for index, cand in enumerate(candidates):
@@ -917,7 +918,7 @@ def _aimed(model: nn.Module, candidates: list[Candidate], budget: Any, calibrati
     measured = pricing.measured_ratio(floor, model, example, calibration_x, budget.prices.backend,
                                       budget.prices.batch)["latency_measured"]
     calibration.add(predicted, measured)
-    if measured > budget.requested * (1 + pricing.LANDING_TOLERANCE):
+    if measured > budget.requested * (1 + pricing.LATENCY_TOLERANCE):  # the audit's allowance for timing noise
         raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable by low rank: every "
                          f"decomposable layer at its cheapest priced option measures {measured:.3f} of the original "
                          f"(predicted {predicted:.3f}); raise the keep ratio, or remove channels (pagcp "
