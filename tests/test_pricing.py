@@ -199,6 +199,28 @@ def test_what_the_worst_layer_leaves_of_the_budgets_is_spent_without_raising_it(
         assert not (fits_params and fits_time), (cand.name, row["rank"], j)
 
 
+def test_a_budget_aimed_below_the_floor_takes_the_smallest_allocation():
+    """A request the measured floor showed reachable may still lie below what the prediction allows (the table
+    overestimates a model's time): aimed there, the sweep takes every layer's cheapest option instead of refusing;
+    the same request unaimed is refused."""
+    import dataclasses
+
+    from compress.methods.alds import allocate, error_curve, exact_factors, find_candidates
+    from compress.methods.pricing import latency_budget
+
+    model, prices = wide(), MacPrices()
+    candidates, _ = find_candidates(model, (), (), (), 1, EXAMPLE)
+    for cand in candidates:
+        cand.ks = [1]
+    budget = latency_budget(model, candidates, EXAMPLE, ALDSConfig(latency_keep=0.05), prices, outside_ms=0.0)
+    curves = [error_curve(1, f.sigma, f.norm) for f in (exact_factors(c.module.weight, 1) for c in candidates)]
+    with pytest.raises(UsageError, match="unreachable"):
+        allocate(candidates, curves, budget)
+    smallest = allocate(candidates, curves, dataclasses.replace(budget, aim=0.05))
+    cheapest = [int(budget.options(i, c, 1)[0][0]) for i, c in enumerate(candidates)]
+    assert smallest.ranks == cheapest
+
+
 # ------------------------------------------------------------------------------ the real table, the real backend
 
 @pytest.mark.slow

@@ -618,7 +618,10 @@ def _allowed_prefixes(value: np.ndarray, split_ties: bool) -> np.ndarray:
 def _choose_prefix(costs: np.ndarray, budgets: tuple[Budget, ...]) -> int:
     """Index of the prefix taken: the longest meeting every budget, or, for one budget by weights, the next if only
     it is within tolerance."""
-    targets = np.array([b.target for b in budgets])
+    # a budget aimed by measurement (pricing.Calibration) was checked reachable on the measured floor: at worst it
+    # takes the smallest allocation these k's allow, and landing and the audit judge the shipped model
+    targets = np.array([max(b.target, costs[0, i]) if getattr(b, "aim", None) is not None else b.target
+                        for i, b in enumerate(budgets)])
     feasible = np.flatnonzero(np.all(costs <= targets, axis=1))
     if not len(feasible):
         failing = next(i for i, b in enumerate(budgets) if costs[0, i] > b.target)
