@@ -351,7 +351,8 @@ def test_latency_keep_lands_on_the_measured_latency_of_the_shipped_model(tmp_pat
     x = torch.randn(8, 1, 28, 28)
     settings = LatencySettings(backends=("onnxruntime-cpu",), batches=(1,), threads=1, runs=60)
     row = measure_backends(shipped, original, x[:1], x, settings, tmp_path / "timing")[0]
-    assert 1.0 / row.speedup <= 0.85 * 1.15, row
+    # the audit's rule (the p25 of the time ratio) with 15% for two timings on a shared machine
+    assert 1.0 / row.speedup_spread[1] <= 0.85 * 1.15, row
 
 
 def test_a_latency_keep_that_low_rank_cannot_reach_is_refused_as_measured(tmp_path, monkeypatch):
