@@ -891,16 +891,11 @@ def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups
                                          outside_ms)
         if isinstance(by_time.prices, pricing.CostModel):
             calibration = pricing.Calibration()
-            by_time = _aimed(model, candidates, by_time, calibration, example, _calibration_x(ctx))
+            by_time = _aimed(model, candidates, by_time, calibration, example, pricing.timing_inputs(ctx))
         budgets = (by_time, *budgets)
     macs_before = by_weights.total if by_weights is not None and by_weights.counted_over == "MACs" else None
     return Prepared(candidates, skipped, example, budgets[0], budgets[1:],
                     sum(p.numel() for p in model.parameters()), macs_before, calibration)
-
-
-def _calibration_x(ctx: Context) -> torch.Tensor:
-    """The items the latency measurements export and run on."""
-    return ctx.splits.calibration.x[:64] if ctx.splits is not None else ctx.example_inputs
 
 
 def _aimed(model: nn.Module, candidates: list[Candidate], budget: Any, calibration: pricing.Calibration,
@@ -957,7 +952,7 @@ def _landed(model: nn.Module, prep: Prepared, first: Allocation, allocate_at: Ca
     models measured so far say stands for it (pricing.land); each trial is built on a copy and timed against the
     original. A predicted ratio below what the layers can reach keeps the smallest reachable allocation."""
     budget = prep.budget
-    calibration_x = _calibration_x(ctx)
+    calibration_x = pricing.timing_inputs(ctx)
     prices = budget.prices
 
     def plan_at(target: float) -> tuple[Allocation, float, nn.Module]:
@@ -1013,7 +1008,7 @@ def audit(result: Result, cfg: SVDConfig | ALDSConfig, shipped: nn.Module, origi
                                     f"{KEEP_TOLERANCE:.1%}; on small layers one rank step can be larger than that: "
                                     "change the keep ratio slightly)")
     if cfg.latency_keep is not None:
-        calibration = ctx.splits.calibration.x[:64] if ctx.splits is not None else ctx.example_inputs
+        calibration = pricing.timing_inputs(ctx)
         problems, figures = pricing.audit_latency(shipped, original, ctx.example_inputs, calibration, cfg.backend,
                                                   cfg.latency_batch, cfg.latency_keep)
         outcome.problems += problems

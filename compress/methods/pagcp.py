@@ -655,8 +655,7 @@ def apply(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> Result:
     oracle = _oracle(cfg, ctx)
     model.eval()
     original_shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
-    calibration_x = ctx.splits.calibration.x[:64] if ctx.splits is not None else None
-    meter = (pricing.latency_meter(model, example, cfg.backend, cfg.latency_batch, calibration_x)
+    meter = (pricing.latency_meter(model, example, cfg.backend, cfg.latency_batch, pricing.timing_inputs(ctx))
              if cfg.latency_target is not None else pricing.macs_meter(example))
     params_before, macs_original = count_params(model).total, meter.cost(model)
     macs_before = count_macs(model, example).macs
@@ -784,7 +783,7 @@ def _audit_target(outcome: AuditOutcome, cfg: PAGCPConfig, shipped: nn.Module, o
     original (interleaved, on the priced backend), short only when its whole p25-p75 lies beyond the tolerance."""
     example = ctx.example_inputs
     if cfg.latency_target is not None:
-        calibration = ctx.splits.calibration.x[:64] if ctx.splits is not None else example
+        calibration = pricing.timing_inputs(ctx)
         figures = pricing.measured_ratio(shipped, original, example, calibration, cfg.backend, cfg.latency_batch)
         outcome.figures.update(figures, latency_requested=cfg.latency_target)
         keep, what = figures["latency_measured"], f"of the original's latency measured on {cfg.backend}"

@@ -104,6 +104,11 @@ class LatencyBudget:
         return np.array(out, dtype=float)
 
 
+def timing_inputs(ctx: Any) -> torch.Tensor:
+    """The items latency measurements export with and run on: 64 of the calibration split, else the example."""
+    return ctx.splits.calibration.x[:64] if ctx.splits is not None else ctx.example_inputs
+
+
 def cost_model_for(cfg: ALDSConfig | SVDConfig) -> CostModel:
     """The cost table of the config's backend and batch, one thread (cached on disk across runs)."""
     return CostModel(cfg.backend, batch=cfg.latency_batch, threads=1)
