@@ -210,6 +210,20 @@ def _check_budget(cfg: Any) -> None:
     if cfg.latency_batch < 1 or cfg.rank_step < 1:
         raise UsageError(f"latency_batch = {cfg.latency_batch} and rank_step = {cfg.rank_step} must be >= 1")
     _check_range("dense_margin", cfg.dense_margin, 0.0, 1.0)
+    if not getattr(cfg, "priced", True) and cfg.latency_keep is not None:
+        raise UsageError(f"latency_keep = {cfg.latency_keep} prices every layer on the backend, which priced = false "
+                         "switches off; drop --no-priced (or --latency-keep)")
+
+
+NO_SLOWER = 1.0  # the latency budget a priced run keeps when none is asked for: never slower than the original
+
+
+def latency_keep_of(cfg: Any) -> float | None:
+    """The latency budget of a low-rank config: `latency_keep`, else NO_SLOWER when it is priced (ALDS by default),
+    else none."""
+    if cfg.latency_keep is not None:
+        return cfg.latency_keep
+    return NO_SLOWER if getattr(cfg, "priced", False) else None
 
 
 def params_keep(cfg: Any) -> float | None:
@@ -230,10 +244,13 @@ _LATENCY_KEEP = {"help": "Fraction of the original's latency on --backend to kee
 _BACKEND = {"help": "Backend whose measured layer times price each choice (--latency-keep, --latency-target).",
             "choices": LATENCY_BACKENDS}
 _LATENCY_BATCH = {"help": "Batch size the layers are priced at (--latency-keep, --latency-target)."}
-_RANK_STEP = {"help": "With --latency-keep: ranks (and k x rank) are multiples of this, which blocked kernels run "
-                      "fast."}
-_DENSE_MARGIN = {"help": "With --latency-keep: a layer stays dense unless its best low-rank form saves this "
-                         "fraction of its time."}
+_RANK_STEP = {"help": "Priced (the ALDS default, or --latency-keep): ranks (and k x rank) are multiples of this, "
+                      "which blocked kernels run fast."}
+_DENSE_MARGIN = {"help": "Priced (the ALDS default, or --latency-keep): a layer stays dense unless its best low-rank "
+                         "form saves this fraction of its time."}
+_PRICED = {"help": "Price each layer's choices on --backend (ranks in steps of --rank-step, fast shapes only) and "
+                    "ship no slower than the original even without --latency-keep; --no-priced: the paper's "
+                    "allocation by weights alone (every rank; the model may run slower than the original)."}
 _DECOMPOSE = {"help": "Decompose only modules matching (glob or re:REGEX)."}
 _LEAVE = {"help": "Never decompose modules matching (glob or re:REGEX)."}
 
@@ -245,8 +262,9 @@ class ALDSConfig(ConfigBase):
     The budget is `keep` x all parameters of the network (0.5 when no budget is given), or `macs_keep` x its MACs
     when that is given (then `keep` is not used), and/or `latency_keep` x the original's measured latency on
     `backend` at `latency_batch`, each layer's choices priced there (ranks in steps of `rank_step`, a layer kept
-    dense unless it saves `dense_margin` of its time); with two budgets the first to bind wins. The seeded k
-    search uses the run's seed.
+    dense unless it saves `dense_margin` of its time); with two budgets the first to bind wins. `priced` (the
+    default) prices the choices even without `latency_keep`, whose budget is then the original's latency (never
+    slower); `priced = False` is the paper's allocation by weights alone. The seeded k search uses the run's seed.
     """
 
     cli_panel: ClassVar[str] = "ALDS / SVD"
@@ -254,6 +272,7 @@ class ALDSConfig(ConfigBase):
     keep: float | None = field(default=None, metadata=_KEEP)  # fraction of ALL parameters kept (params_keep)
     macs_keep: float | None = field(default=None, metadata=_MACS_KEEP)  # given: a MACs budget, not parameters
     latency_keep: float | None = field(default=None, metadata=_LATENCY_KEEP)
+    priced: bool = field(default=True, metadata=_PRICED)
     backend: str = field(default="onnxruntime-cpu", metadata=_BACKEND)
     latency_batch: int = field(default=1, metadata=_LATENCY_BATCH)
     rank_step: int = field(default=8, metadata=_RANK_STEP)

@@ -225,7 +225,7 @@ def test_true_error_lies_between_the_bound_and_sqrt_k_times_it(k):
 def test_layers_that_would_not_save_stay_dense():
     torch.manual_seed(6)
     tiny = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 200))
-    result = run("alds", tiny, ALDSConfig(keep=0.9), torch.randn(1, 2))
+    result = run("alds", tiny, ALDSConfig(priced=False, keep=0.9), torch.randn(1, 2))
     rows = {r["name"]: r for r in result.layers}
     # Linear(2, 2): one rank costs 1 * (2 + 2) weights, never fewer than its 4 dense weights
     assert rows["0"]["decomposed"] is False and rows["0"]["rank"] is None
@@ -233,7 +233,7 @@ def test_layers_that_would_not_save_stay_dense():
     assert type(tiny[0]) is nn.Linear
     assert rows["1"]["decomposed"] is True and isinstance(tiny[1], LowRank)
     model = digits_cnn()
-    for row in run("alds", model, ALDSConfig(keep=0.6), torch.randn(1, 1, 8, 8)).layers:
+    for row in run("alds", model, ALDSConfig(priced=False, keep=0.6), torch.randn(1, 1, 8, 8)).layers:
         if row["decomposed"]:
             assert row["params_after"] < row["params_before"]
             assert isinstance(model.get_submodule(row["name"]), LowRank)
@@ -247,7 +247,7 @@ def test_grouped_and_depthwise_convolutions_are_skipped():
     candidates, skipped = find_candidates(model, (), ())
     assert [s["name"] for s in skipped] == ["features.9"]
     assert "features.9" not in [c.name for c in candidates]
-    result = run("alds", model, ALDSConfig(keep=0.5), torch.randn(1, 1, 8, 8))
+    result = run("alds", model, ALDSConfig(priced=False, keep=0.5), torch.randn(1, 1, 8, 8))
     assert type(model.features[9]) is nn.Conv2d and model.features[9].groups == 64
     assert result.summary["skipped"][0]["name"] == "features.9"
 
@@ -263,7 +263,7 @@ def resnet_runs():
     runs = {}
     for keep in (0.3, 0.5, 0.7):
         model = copy.deepcopy(original)
-        runs[keep] = (model, run("alds", model, ALDSConfig(keep=keep), example))
+        runs[keep] = (model, run("alds", model, ALDSConfig(priced=False, keep=keep), example))
     return original, example, runs
 
 
@@ -313,7 +313,8 @@ def test_min_max_optimality_small(method, keep):
     """ALDS is min-max in its bound; so are the baselines' ranks in their own levels, which the bound need not be:
     only ALDS is checked for the bound, the others for being decomposed at all."""
     model = digits_cnn()
-    cfg = {"alds": ALDSConfig, "svd": SVDConfig, "svd-energy": SVDEnergyConfig}[method](keep=keep)
+    paper = {"priced": False} if method == "alds" else {}
+    cfg = {"alds": ALDSConfig, "svd": SVDConfig, "svd-energy": SVDEnergyConfig}[method](keep=keep, **paper)
     result = run(method, model, cfg, torch.randn(1, 1, 8, 8))
     if method == "alds":
         check_min_max(digits_cnn(), result)
@@ -380,7 +381,7 @@ def test_macs_budget_counts_the_real_modules():
     model = resnet18()
     example = torch.randn(1, 3, 32, 32)
     before = count_macs(model, example).macs
-    result = run("alds", model, ALDSConfig(macs_keep=0.6, seeds=5), example)
+    result = run("alds", model, ALDSConfig(priced=False, macs_keep=0.6, seeds=5), example)
     after = count_macs(model, example).macs
     assert result.summary["keep"]["counted_over"] == "MACs"
     assert result.summary["macs_after"] == after == result.summary["allocated_cost"]
@@ -420,7 +421,7 @@ def test_same_seed_same_allocation():
     def allocation(seed: int, noise: int):
         torch.manual_seed(noise)       # the global RNG state must not matter
         np.random.seed(noise)
-        result = run("alds", digits_cnn(), ALDSConfig(keep=0.4), example, seed=seed)
+        result = run("alds", digits_cnn(), ALDSConfig(priced=False, keep=0.4), example, seed=seed)
         return [(r["name"], r["groups"], r["rank"]) for r in result.layers], result.summary["eps_star"]
 
     first = allocation(7, 1)
@@ -452,7 +453,7 @@ def test_baselines_follow_their_rules():
 
 def test_unreachable_budget_names_the_smallest_keep():
     with pytest.raises(UsageError, match=r"keep ratio 0.01 is unreachable.*keeps 0\.\d+"):
-        run("alds", digits_cnn(), ALDSConfig(keep=0.01), torch.randn(1, 1, 8, 8))
+        run("alds", digits_cnn(), ALDSConfig(priced=False, keep=0.01), torch.randn(1, 1, 8, 8))
 
 
 @pytest.mark.parametrize("cls,kwargs,needle", [
@@ -472,14 +473,14 @@ def test_config_validation(cls, kwargs, needle):
 
 
 def test_configs_round_trip():
-    cfg = ALDSConfig(keep=0.3, groups=(1, 2), seeds=3, exclude=("fc",))
+    cfg = ALDSConfig(priced=False, keep=0.3, groups=(1, 2), seeds=3, exclude=("fc",))
     assert ALDSConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert SVDEnergyConfig.from_dict({"keep": 0.2}) == SVDEnergyConfig(keep=0.2)
 
 
 def test_audit_fails_a_missed_keep_budget():
     """The audit counts the shipped model's parameters itself: 1001 originally, keep 0.5 within 0.5%."""
-    original, cfg = nn.Linear(1000, 1), ALDSConfig(keep=0.5)
+    original, cfg = nn.Linear(1000, 1), ALDSConfig(priced=False, keep=0.5)
 
     def problems(kept_inputs: int) -> list[str]:
         shipped = nn.Linear(kept_inputs, 1)  # kept_inputs + 1 parameters
@@ -500,7 +501,7 @@ ROUND_TRIP_KEEP = 0.5
 @pytest.fixture(scope="module")
 def alds_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("alds") / "run"
-    report = api.prune(api.ModelSource(spec=DIGITS_SPEC), ALDSConfig(keep=ROUND_TRIP_KEEP),
+    report = api.prune(api.ModelSource(spec=DIGITS_SPEC), ALDSConfig(priced=False, keep=ROUND_TRIP_KEEP),
                        api.RunOptions(out=out, data="digits", latency=False, command="test"))
     return out, report
 
@@ -514,7 +515,7 @@ def test_artifact_round_trip(alds_run, digits):
     loaded = load_model(str(out)).model
     # the same decomposition computed here (the method is deterministic) gives bit-identical outputs
     model = digits_cnn()
-    run("alds", model, ALDSConfig(keep=ROUND_TRIP_KEEP), digits.test.x[:1])
+    run("alds", model, ALDSConfig(priced=False, keep=ROUND_TRIP_KEEP), digits.test.x[:1])
     recalibrate_batchnorm(model, digits.calibration)  # as `compress prune` does after compressing
     model.eval()
     x = digits.test.x[:64]
@@ -574,7 +575,8 @@ SMALL = ["--model", DIGITS_SPEC, "--data", "digits", "--no-latency"]
 
 def test_cli_prune_alds(runner, tmp_path):
     out = tmp_path / "cli"
-    result = runner.invoke(app, ["prune", "--method", "alds", "--keep", "0.5", "--json", "--out", str(out), *SMALL])
+    result = runner.invoke(app, ["prune", "--method", "alds", "--keep", "0.5", "--no-priced", "--json", "--out",
+                                 str(out), *SMALL])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["method"] == "alds" and report["config"]["keep"] == 0.5 and "sparsity" not in report["config"]
@@ -627,11 +629,11 @@ def test_cli_help_lists_the_registry(runner):
 def test_onnx_export_parity(tmp_path, dynamo):
     onnxruntime = pytest.importorskip("onnxruntime")
     model = digits_cnn()
-    run("alds", model, ALDSConfig(keep=0.4, groups=(1, 2, 4)), torch.randn(1, 1, 8, 8))
+    run("alds", model, ALDSConfig(priced=False, keep=0.4, groups=(1, 2, 4)), torch.randn(1, 1, 8, 8))
     assert any(isinstance(m, GroupedLinear) for m in model.modules()) or any(
         isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups < m.in_channels for m in model.modules())
     mlp = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
-    run("alds", mlp, ALDSConfig(keep=0.5, groups=(4,)), torch.randn(1, 64))
+    run("alds", mlp, ALDSConfig(priced=False, keep=0.5, groups=(4,)), torch.randn(1, 64))
     for net, shape in ((model, (4, 1, 8, 8)), (mlp, (4, 64))):
         x = torch.randn(*shape)
         path = tmp_path / f"{type(net).__name__}.onnx"
@@ -655,7 +657,7 @@ def test_alds_composes_with_physical_channel_pruning():
                               pruning_ratio=0.5, ignored_layers=[model.fc]).step()
     assert model.layer1[0].conv1.out_channels == 32, "channels physically removed"
     before = sum(p.numel() for p in model.parameters())
-    result = METHODS["alds"].apply(model, ALDSConfig(keep=0.5), Context(example))
+    result = METHODS["alds"].apply(model, ALDSConfig(priced=False, keep=0.5), Context(example))
     after = sum(p.numel() for p in model.parameters())
     assert abs(after - 0.5 * before) <= KEEP_TOLERANCE * 0.5 * before
     assert result.summary["layers_decomposed"] > 0
@@ -665,7 +667,7 @@ def test_alds_composes_with_physical_channel_pruning():
 def test_min_group_channels_keeps_groups_wide():
     """--min-group-channels w: every chosen k leaves at least w input channels per group (k = 1 always allowed)."""
     model = digits_cnn()
-    cfg = ALDSConfig(keep=0.4, min_group_channels=8)
+    cfg = ALDSConfig(priced=False, keep=0.4, min_group_channels=8)
     result = METHODS["alds"].apply(model, cfg, Context(torch.randn(1, 1, 8, 8)))
     decomposed = [row for row in result.layers if row["decomposed"]]
     assert decomposed
@@ -741,7 +743,7 @@ def test_alds_leaves_directly_read_layers_dense_and_runs_to_the_end():
     the other directly read layers stay dense, are named in the report's skipped list, and the budget is met."""
     model, x = direct_read_net(), torch.randn(2, 1, 8, 8)
     before = n_params(model)
-    result = run("alds", model, ALDSConfig(keep=0.6), x)
+    result = run("alds", model, ALDSConfig(priced=False, keep=0.6), x)
     assert {s["name"] for s in result.summary["skipped"]} == {*DIRECT, "unused"}
     for name in [*DIRECT, "unused"]:
         assert type(model.get_submodule(name)) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -757,7 +759,7 @@ def test_alds_on_swin_t_runs_to_the_end():
     and proj.weight directly; those 24 layers stay dense, the rest decomposes to the budget (about 10 s)."""
     model, x = torchvision.models.swin_t(num_classes=10).eval(), torch.randn(2, 3, 32, 32)
     before = n_params(model)
-    result = METHODS["alds"].apply(model, ALDSConfig(keep=0.5, seeds=2, rounds=1), Context(x[:1]))
+    result = METHODS["alds"].apply(model, ALDSConfig(priced=False, keep=0.5, seeds=2, rounds=1), Context(x[:1]))
     skipped = {s["name"] for s in result.summary["skipped"]}
     attention = {n for n, _ in model.named_modules() if n.endswith((".attn.qkv", ".attn.proj"))}
     assert len(attention) == 24 and skipped == attention

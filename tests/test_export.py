@@ -80,7 +80,7 @@ def test_pruned_model_exports_with_parity(tmp_path: Path) -> None:
 
 def test_alds_model_with_grouped_convs_exports_with_parity(tmp_path: Path) -> None:
     model = digits_cnn()
-    result = METHODS["alds"].apply(model, ALDSConfig(keep=0.5), Context(inputs(1)))
+    result = METHODS["alds"].apply(model, ALDSConfig(priced=False, keep=0.5), Context(inputs(1)))
     assert result.summary["layers_decomposed"] > 0
     path = export_onnx(result.model, inputs(1), tmp_path / "alds.onnx")
     groups = [a.i for n in onnx.load(str(path)).graph.node if n.op_type == "Conv" for a in n.attribute

@@ -600,7 +600,7 @@ def test_alds_after_pagcp_rebuilds_weights_only(trained_mt, tmp_path):
     options = {"data": "digits-canvas", "latency": False, "command": "test"}
     api.prune(api.ModelSource(spec=MT_SPEC, weights=str(weights)), PAGCPConfig(macs_target=0.6),
               api.RunOptions(out=tmp_path / "pagcp", **options))
-    report = api.prune(api.ModelSource(spec=str(tmp_path / "pagcp")), ALDSConfig(keep=0.5),
+    report = api.prune(api.ModelSource(spec=str(tmp_path / "pagcp")), ALDSConfig(priced=False, keep=0.5),
                        api.RunOptions(out=tmp_path / "alds", **options))
     assert report["status"] == "ok"
     loaded = load_model(str(tmp_path / "alds"))

@@ -370,3 +370,75 @@ def test_a_latency_keep_that_low_rank_cannot_reach_is_refused_as_measured(tmp_pa
     assert "unreachable by low rank" in result.output and "measures" in result.output
     assert "pagcp --latency-target" in result.output and "Traceback" not in result.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def _ranks_shipped(model: nn.Module) -> list[tuple[int, int]]:
+    """(k, j) of every decomposed layer, read from the shipped modules' shapes."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, LowRank):
+            k = getattr(module.encoder, "groups", 1)
+            width = module.decoder.in_channels if isinstance(module.decoder, nn.Conv2d) else module.decoder.in_features
+            pairs.append((k, width // k))
+    return pairs
+
+
+@pytest.mark.slow
+def test_alds_is_priced_by_default_and_ships_faster_than_the_original(tmp_path, monkeypatch):
+    """`compress prune --method alds --keep 0.5` prices its choices on ONNX Runtime without being asked: every
+    shipped rank is a multiple of the rank step, the report states the implied no-slower budget, and the shipped
+    model, timed here against the original, runs faster (p75 of the time ratio under 1), where the paper's
+    allocation by weights alone (--no-priced) ships odd ranks and runs slower at the same parameter count."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+    from compress.measure.backends import LatencySettings, measure_backends
+    from compress.measure.size import count_params
+    from compress.models import load_model
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "costs"))
+    shipped = {}
+    for name, extra in (("priced", []), ("paper", ["--no-priced"])):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["prune", "--method", "alds", "--keep", "0.5", "--finetune-epochs", "0",
+                                          "--no-latency", "--quiet", "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        shipped[name] = (load_model(str(out)).model.eval(), json.loads((out / "report.json").read_text()))
+    original = load_model("rescnn").model.eval()
+    priced, report = shipped["priced"]
+    assert report["latency_target"]["requested"] == 1.0 and report["latency_target"]["asked"] is False
+    assert "latency_target" not in shipped["paper"][1]
+    pairs = _ranks_shipped(priced)
+    assert pairs and all(j % 8 == 0 and (k * j) % 8 == 0 for k, j in pairs), pairs
+    assert any(j % 8 for _, j in _ranks_shipped(shipped["paper"][0]))
+    for model, _ in shipped.values():  # both keep half of all parameters, counted here
+        assert count_params(model).total / count_params(original).total == pytest.approx(0.5, abs=0.01)
+    x = torch.randn(8, 1, 28, 28)
+    settings = LatencySettings(backends=("onnxruntime-cpu",), batches=(1,), threads=1, runs=60)
+    row = measure_backends(priced, original, x[:1], x, settings, tmp_path / "timing")[0]
+    assert 1.0 / row.speedup_spread[0] < 1.0, row  # p75 of candidate/original time
+    paper = measure_backends(shipped["paper"][0], original, x[:1], x, settings, tmp_path / "timing-paper")[0]
+    assert paper.speedup < row.speedup, (paper, row)
+
+
+def test_priced_alds_refuses_a_size_budget_that_only_slower_forms_reach_and_names_the_way_on(tmp_path):
+    """ALDS's default is priced: where every low-rank form runs slower than its dense layer, a parameter budget is
+    out of reach (one line naming --no-priced), while --no-priced allocates by weights and meets it; --no-priced
+    with --latency-keep is refused on the command line (exit 2)."""
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+    from compress.measure.size import count_params
+
+    with pytest.raises(UsageError, match="--no-priced"):
+        priced(ALDSConfig(keep=0.5, seeds=2, rounds=1), MacPrices(lowrank=50.0))
+    model = wide()
+    run_alds(model, ALDSConfig(keep=0.5, seeds=2, rounds=1, priced=False), Context(EXAMPLE, seed=0))
+    assert count_params(model).total / count_params(wide()).total == pytest.approx(0.5, abs=0.01)
+    result = CliRunner().invoke(app, ["prune", "--method", "alds", "--no-priced", "--latency-keep", "0.6",
+                                      "--model", "tests.test_alds:digits_cnn", "--data", "digits", "--no-latency",
+                                      "--out", str(tmp_path / "both")])
+    assert result.exit_code == 2 and "--no-priced" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "both").exists()

@@ -112,7 +112,7 @@ def test_alds_meets_its_keep_or_refuses_in_one_line(spec, keep):
     model, example = build(spec)
     original = copy.deepcopy(model)
     before = sum(p.numel() for p in model.parameters())
-    cfg, ctx = ALDSConfig(keep=keep, seeds=2, rounds=1), Context(example)
+    cfg, ctx = ALDSConfig(priced=False, keep=keep, seeds=2, rounds=1), Context(example)
     try:
         result = METHODS["alds"].apply(model, cfg, ctx)
     except UsageError as exc:

@@ -82,7 +82,7 @@ def alds_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A real ALDS run of the tiny CNN (keep 0.5; on this tiny net the audit fails, which the report shows)."""
     out = tmp_path_factory.mktemp("alds") / "run"
     try:
-        api.prune(api.ModelSource(spec=TINY_SPEC), ALDSConfig(keep=0.5, seeds=3, rounds=2),
+        api.prune(api.ModelSource(spec=TINY_SPEC), ALDSConfig(priced=False, keep=0.5, seeds=3, rounds=2),
                   api.RunOptions(out=out, data="digits", latency=False, command="test"))
     except AuditError:
         pass

@@ -28,7 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig, matches, params_keep
+from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig, latency_keep_of, matches, params_keep
 from compress.errors import UsageError
 from compress.measure import count_macs
 from compress.methods import pricing
@@ -627,8 +627,14 @@ def _choose_prefix(costs: np.ndarray, budgets: tuple[Budget, ...]) -> int:
         failing = next(i for i, b in enumerate(budgets) if costs[0, i] > b.target)
         budget, smallest = budgets[failing], costs[0, failing] / budgets[failing].total
         floor = "rank 1" if not budget.priced else "the smallest rank step"
+        if not budget.priced and any(b.priced for b in budgets):
+            floor = "the smallest priced option (a layer is decomposed only where that runs faster)"
+            hint = ", or allocate by weights alone (--no-priced; the model may then run slower)"
+        else:
+            hint = ""
         raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable: {floor} in every "
-                         f"decomposable layer keeps {smallest:.6f}; raise the keep ratio or decompose more layers")
+                         f"decomposable layer keeps {smallest:.6f}; raise the keep ratio or decompose more "
+                         f"layers{hint}")
     fits = int(feasible[-1])
     if len(budgets) > 1 or budgets[0].priced:
         return fits
@@ -885,7 +891,7 @@ def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups
     by_weights = make_budget(model, candidates, example, params_keep(cfg), cfg.macs_keep)
     budgets: tuple[Any, ...] = (by_weights,) if by_weights is not None else ()
     calibration = None
-    if cfg.latency_keep is not None:
+    if latency_keep_of(cfg) is not None:
         pricing.priced_ks(candidates)
         by_time = pricing.latency_budget(model, candidates, example, cfg, prices or pricing.cost_model_for(cfg),
                                          outside_ms)
@@ -916,6 +922,11 @@ def _aimed(model: nn.Module, candidates: list[Candidate], budget: Any, calibrati
     measured = pricing.measured_ratio(floor, model, example, calibration_x, budget.prices.backend,
                                       budget.prices.batch)["latency_measured"]
     calibration.add(predicted, measured)
+    if measured > budget.requested * (1 + pricing.LATENCY_TOLERANCE) and not budget.asked:
+        raise UsageError(f"low rank does not make this model faster on {budget.prices.backend}: every decomposable "
+                         f"layer at its cheapest priced option measures {measured:.3f} of the original's latency "
+                         f"(predicted {predicted:.3f}); allocate by weights alone (--no-priced; the model may then "
+                         "run slower), or remove channels (pagcp)")
     if measured > budget.requested * (1 + pricing.LATENCY_TOLERANCE):  # the audit's allowance for timing noise
         raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable by low rank: every "
                          f"decomposable layer at its cheapest priced option measures {measured:.3f} of the original "
@@ -1001,16 +1012,17 @@ def audit(result: Result, cfg: SVDConfig | ALDSConfig, shipped: nn.Module, origi
         over = "MACs" if cfg.macs_keep is not None else "all parameters"
         achieved = _kept(shipped, original, ctx.example_inputs, over)
         outcome.figures.update(keep_achieved=achieved, counted_over=over)
-        ceiling_only = cfg.latency_keep is not None
+        ceiling_only = latency_keep_of(cfg) is not None
         if achieved > requested * (1 + KEEP_TOLERANCE) or (
                 not ceiling_only and achieved < requested * (1 - KEEP_TOLERANCE)):
             outcome.problems.append(f"kept {achieved:.6f} of {over}, requested {requested} (off by more than "
                                     f"{KEEP_TOLERANCE:.1%}; on small layers one rank step can be larger than that: "
                                     "change the keep ratio slightly)")
-    if cfg.latency_keep is not None:
+    latency_keep = latency_keep_of(cfg)
+    if latency_keep is not None:
         calibration = pricing.timing_inputs(ctx)
         problems, figures = pricing.audit_latency(shipped, original, ctx.example_inputs, calibration, cfg.backend,
-                                                  cfg.latency_batch, cfg.latency_keep)
+                                                  cfg.latency_batch, latency_keep)
         outcome.problems += problems
         outcome.figures.update(figures)
     return outcome

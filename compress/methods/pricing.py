@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.config import ALDSConfig, SVDConfig
+from compress.config import ALDSConfig, SVDConfig, latency_keep_of
 from compress.measure import count_macs
 from compress.measure.backends import LatencySettings, measure_backends
 from compress.measure.costs import CostModel, LayerSite, measure_model_ms, predict_ms, rest_ms, sites_of
@@ -58,6 +58,7 @@ class LatencyBudget:
     step: int
     margin: float
     priced: bool = True
+    asked: bool = True  # False: no --latency-keep, the budget a priced run keeps anyway (never slower)
     aim: float | None = None  # the predicted ratio that stands for `requested` as measured (Calibration), if known
     _options: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -128,8 +129,10 @@ def latency_budget(model: nn.Module, candidates: list[Any], example: torch.Tenso
         outside_ms = rest_ms(model, example, prices, measured) + (sum(prices.site_ms(s) for s in every.values())
                                                                   - sum(dense))
     over = f"latency ({cfg.backend}, batch {cfg.latency_batch})"
-    return LatencyBudget(prices, sites, dense, max(0.0, outside_ms), float(cfg.latency_keep), over, cfg.rank_step,
-                         cfg.dense_margin)
+    requested = latency_keep_of(cfg)
+    assert requested is not None
+    return LatencyBudget(prices, sites, dense, max(0.0, outside_ms), float(requested), over, cfg.rank_step,
+                         cfg.dense_margin, asked=cfg.latency_keep is not None)
 
 
 def priced_ks(candidates: list[Any]) -> None:
@@ -154,7 +157,8 @@ def latency_section(budget: LatencyBudget, cost: float, prices: Prices, calibrat
                     landing: list[dict[str, float]] | None = None) -> dict[str, Any]:
     """The report's latency section of a priced decomposition: requested, predicted (and calibrated on the models
     measured while landing), and the cost table used."""
-    section = {"backend": budget.counted_over, "requested": budget.requested, "predicted": cost / budget.total,
+    section = {"backend": budget.counted_over, "requested": budget.requested, "asked": budget.asked,
+               "predicted": cost / budget.total,
                "original_predicted_ms": budget.total, "predicted_ms": cost, "outside_layers_ms": budget.fixed,
                "rank_step": budget.step, "dense_margin": budget.margin}
     if calibration is not None:
