@@ -373,8 +373,8 @@ class PAGCPConfig(ConfigBase):
     latency_target: float | None = field(default=None, metadata={  # a target in predicted ms instead of MACs
         "replaces": "macs_target",
         "help": "Fraction of the original's latency on --backend to keep, each unit's share priced there in "
-                "milliseconds; widths snap to multiples of 8 unless --round-to says otherwise; else like "
-                "--macs-target."})
+                "milliseconds; widths snap to multiples of 8 (unless --round-to says otherwise) that the table "
+                "prices faster than every wider one; else like --macs-target."})
     backend: str = field(default="onnxruntime-cpu", metadata=_BACKEND)
     latency_batch: int = field(default=1, metadata=_LATENCY_BATCH)
     # searches the macs_target search may run per round and tau

@@ -833,3 +833,79 @@ def test_coverage_torchvision(name, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert check_parity(model, path, x).ok
+
+
+class BlockPrices:
+    """A synthetic table: a layer's time steps up every BLOCK input and output channels, as a blocked kernel that
+    pads to its block would run."""
+
+    BLOCK = 8
+
+    def width_ms(self, site, in_ch: int, out_ch: int) -> float:
+        return 1e-3 * math.ceil(in_ch / self.BLOCK) * math.ceil(out_ch / self.BLOCK)
+
+
+def test_a_latency_search_probes_only_widths_the_table_prices_faster(trained_mt, canvas):
+    """With prices, a unit's candidate widths are those that run faster than every wider one: under a table that
+    pads to 8 channels, the odd multiples of 4 (no faster than the next multiple of 8) are never probed or kept;
+    a table where no width pays leaves every unit alone."""
+    from compress.measure.costs import sites_of
+    from compress.methods import pagcp, pricing
+
+    cfg = PAGCPConfig(delta0=0.3, tau=5.0, round_to=4)
+    calibration = canvas.calibration.subset(512)
+    oracle = Oracle(calibration.x, calibration.y, canvas.tasks)
+    example = canvas.test.x[:1]
+    graph = build_graph(copy.deepcopy(trained_mt), example)
+    pagcp.probe_contributions(graph, example, cfg.probe_ratio)
+    sites = sites_of(trained_mt, example)
+    meter = pricing.Meter("MACs", lambda m: float(count_macs(m, example).macs),
+                          widths=lambda unit, removals: pricing.fast_removals(BlockPrices(), sites, unit, removals))
+    search = pagcp.run_search(trained_mt, graph.units, cfg, cfg.delta0, pagcp.make_bound(cfg, canvas.tasks),
+                              oracle.losses(trained_mt), oracle, example, {}, None, meter)
+    accepted = 0
+    for log in search.logs:
+        every = [log.unit.channels - n for n in candidate_removals(log.unit, cfg.step, 4)]
+        assert sorted(log.unit.channels - n for n in log.candidates) == sorted(w for w in every if w % 8 == 0)
+        if log.removed:
+            accepted += 1
+            assert (log.unit.channels - len(log.removed)) % 8 == 0
+    assert accepted >= 1
+    flat = [pricing.fast_removals(type("Flat", (), {"width_ms": lambda self, s, i, o: 1.0})(), sites, log.unit,
+                                  candidate_removals(log.unit, cfg.step, 4)) for log in search.logs]
+    assert flat == [[] for _ in search.logs]
+
+
+def test_a_latency_landing_short_of_the_target_searches_deeper(trained_mt, canvas):
+    """Where every model measures 1.3x slower than the table predicts, the first search stops at the predicted
+    target and trimming cannot go past it; the round searches again with the recalibrated meter and ships a model
+    that measures (by the truth written here) within the landing tolerance of the target."""
+    from compress.methods import pagcp, pricing
+
+    example = canvas.test.x[:1]
+    total = count_macs(trained_mt, example).macs
+
+    def ratio(model: nn.Module) -> float:
+        return count_macs(model, example).macs / total
+
+    def truth(model: nn.Module) -> float:
+        return min(1.0, 1.3 * ratio(model))
+
+    calibration = pricing.Calibration()
+    meter = pricing.Meter("test latency", lambda m: total * calibration.measured(ratio(m)), calibration, truth,
+                          ratio)
+    cfg = PAGCPConfig(latency_target=0.6, tau=50.0, delta0=0.5, round_to=4, calibration_items=256)
+    ctx = Context(example, canvas, tasks=canvas.tasks)
+    outcome = pagcp.run_round(copy.deepcopy(trained_mt), cfg, ctx, pagcp._oracle(cfg, ctx), float(total), meter)
+    shipped = truth(outcome.selection.model)
+    assert shipped <= 0.6 * (1 + pricing.LANDING_TOLERANCE) + 1e-9, (shipped, outcome.landing)
+    first_search = truth(pruned_copy_of(trained_mt, outcome.attempts[0], example, cfg))
+    assert first_search > 0.6 * (1 + pricing.LANDING_TOLERANCE)  # one search alone would have landed short
+    assert sum(t["taken"] for t in outcome.landing) == 1
+
+
+def pruned_copy_of(model: nn.Module, attempt, example: torch.Tensor, cfg: PAGCPConfig) -> nn.Module:
+    """The model with every unit an attempt kept pruned as that attempt pruned it."""
+    from compress.methods import pagcp
+
+    return pagcp.pruned_copy(model, pagcp.removals_of(attempt.kept), example, cfg)

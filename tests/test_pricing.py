@@ -442,3 +442,28 @@ def test_priced_alds_refuses_a_size_budget_that_only_slower_forms_reach_and_name
                                       "--out", str(tmp_path / "both")])
     assert result.exit_code == 2 and "--no-priced" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "both").exists()
+
+
+class _FourTimes(nn.Module):
+    """The same network run on four different inputs (so that ONNX Runtime cannot merge the calls): about 4x the
+    original's latency."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(self.inner(x + i) for i in range(4)) / 4
+
+
+def test_the_implied_no_slower_budget_is_audited_and_says_where_it_comes_from():
+    """Without --latency-keep, priced ALDS still promises a model no slower than the original: a shipped model that
+    runs 4x slower fails the audit, and the problem names the default it broke."""
+    from compress.methods.alds import audit
+
+    original = wide()
+    shipped = _FourTimes(copy.deepcopy(original)).eval()
+    outcome = audit(None, ALDSConfig(keep=0.5), shipped, original, Context(EXAMPLE, seed=0))
+    latency = [p for p in outcome.problems if "measured latency" in p]
+    assert len(latency) == 1 and "no-slower budget" in latency[0], outcome.problems
+    assert outcome.figures["latency_measured"] > 2.0

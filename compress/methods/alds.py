@@ -1023,6 +1023,9 @@ def audit(result: Result, cfg: SVDConfig | ALDSConfig, shipped: nn.Module, origi
         calibration = pricing.timing_inputs(ctx)
         problems, figures = pricing.audit_latency(shipped, original, ctx.example_inputs, calibration, cfg.backend,
                                                   cfg.latency_batch, latency_keep)
+        if cfg.latency_keep is None:  # nobody typed the 1.0: say where it comes from
+            problems = [f"{p} (the no-slower budget priced ALDS keeps by default; --no-priced drops it)"
+                        for p in problems]
         outcome.problems += problems
         outcome.figures.update(figures)
     return outcome

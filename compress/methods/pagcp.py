@@ -329,7 +329,8 @@ def run_search(model: nn.Module, units: list[Unit], cfg: PAGCPConfig, delta0: fl
     walk = _Walk(graph, oracle, bound, reference, reference.copy(), reference.copy(), meter.cost(work), cache, meter)
     delta_cap, delta, logs = float(bound.taus.max()) - 1.0, min(delta0, float(bound.taus.max()) - 1.0), []
     for position, unit in enumerate(ordered):
-        log = UnitLog(position, unit, delta=delta, candidates=candidate_removals(unit, cfg.step, cfg.width_multiple))
+        log = UnitLog(position, unit, delta=delta,
+                      candidates=meter.candidates(unit, candidate_removals(unit, cfg.step, cfg.width_multiple)))
         logs.append(log)
         if unit.contribution < 0:
             log.error = "pruning this unit breaks the forward pass"
@@ -394,7 +395,8 @@ def trim_to_target(model: nn.Module, kept: list[UnitLog], limit: float, macs_ori
             chosen[unit.name] = list(log.removed)
             continue
         undo()  # this unit crosses the limit: take the smallest candidate of it that still does
-        for n in [c for c in candidate_removals(unit, cfg.step, cfg.width_multiple) if c < len(log.removed)]:
+        for n in [c for c in meter.candidates(unit, candidate_removals(unit, cfg.step, cfg.width_multiple))
+                  if c < len(log.removed)]:
             idxs = select(log.scores, n, unit.chunks)
             undo = prune_unit(graph, unit, idxs)
             if meter.cost(work) <= limit * macs_original:
@@ -554,6 +556,19 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
     bound = make_bound(cfg, oracle.tasks, chosen.tau)
     if meter.measure is not None and cfg.target is not None:
         landing = _land_latency(model, chosen, bound, reference, oracle, example, cfg, ctx, meter)
+        if _landed_short(landing, cfg):
+            # the searches stopped where the uncalibrated prediction put the target; with the models just measured
+            # the meter counts higher, so the same delta0 ladder now goes further (probes come from the cache)
+            run = lambda d0: _attempt(model, units, cfg, d0, bound, reference, oracle, example, cache,
+                                      macs_original, ctx.progress, meter)
+            again = target_attempts(run, cfg, bound)
+            attempts += again
+            deeper = _pick(again, cfg)
+            if deeper.keep < _taken(landing):  # both as measured (deeper's through the recalibrated meter)
+                second = _land_latency(model, deeper, bound, reference, oracle, example, cfg, ctx, meter)
+                better = _closer(landing, second, cfg)
+                chosen = deeper if better is second else chosen
+                landing = better
         removals = landing.plan.removals
         return Round(attempts, chosen, landing.plan, removals != removals_of(chosen.kept), macs_entry,
                      graph.skipped, landing.tried)
@@ -567,13 +582,36 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
     return Round(attempts, chosen, selection, trimmed, macs_entry, graph.skipped)
 
 
+def _taken(landing: pricing.Landing[Selection]) -> float:
+    """The measured latency ratio of the plan a landing took."""
+    return next(t["measured"] for t in landing.tried if t["taken"])
+
+
+def _landed_short(landing: pricing.Landing[Selection], cfg: PAGCPConfig) -> bool:
+    """Whether the landed model measures above the target by more than the landing tolerance."""
+    return _taken(landing) > float(cfg.target) * (1 + pricing.LANDING_TOLERANCE)
+
+
+def _closer(first: pricing.Landing[Selection], second: pricing.Landing[Selection],
+            cfg: PAGCPConfig) -> pricing.Landing[Selection]:
+    """Of two landings, the one that measures within the landing tolerance (the least compressed such), else the
+    faster; the other's measurements are kept in its record."""
+    limit = float(cfg.target) * (1 + pricing.LANDING_TOLERANCE)
+    a, b = _taken(first), _taken(second)
+    meets = [x for x in ((a, 0), (b, 1)) if x[0] <= limit]
+    pick = max(meets)[1] if meets else (0 if a <= b else 1)
+    taken, other = (first, second) if pick == 0 else (second, first)
+    taken.tried[:0] = [dict(t, taken=False) for t in other.tried]
+    return taken
+
+
 def _land_latency(model: nn.Module, chosen: Attempt, bound: Bound, reference: np.ndarray, oracle: Oracle,
                   example: torch.Tensor, cfg: PAGCPConfig, ctx: Context, meter: Meter) -> pricing.Landing[Selection]:
     """A latency target met as measured: the chosen search's units trimmed (in score order) to a predicted ratio,
     the selection held to the bound and timed against the original, the prediction recalibrated, and trimmed
     again (pricing.land)."""
     assert meter.measure is not None and meter.predicted_ratio is not None and meter.calibration is not None
-    predicted = Meter(meter.counted_over, meter.predicted_ratio)
+    predicted = Meter(meter.counted_over, meter.predicted_ratio, widths=meter.widths)
 
     def plan_at(target: float) -> tuple[Selection, float, nn.Module]:
         removals = trim_to_target(model, chosen.kept, target, 1.0, example, cfg, predicted)
@@ -608,8 +646,12 @@ def plan(model: nn.Module, cfg: PAGCPConfig, ctx: Context) -> dict[str, Any]:
         if not removals:
             left_alone.append({"name": u.name, "reason": f"{u.channels} channels: narrower than 2 x round_to "
                                                          f"({2 * cfg.width_multiple})"})
-    return {"units": units, "heads": graph.heads, "ignored": graph.ignored,
-            "skipped": graph.skipped + left_alone, "ignore_patterns": list(cfg.ignore)}
+    planned = {"units": units, "heads": graph.heads, "ignored": graph.ignored,
+               "skipped": graph.skipped + left_alone, "ignore_patterns": list(cfg.ignore)}
+    if cfg.latency_target is not None:  # pricing times layers: a dry run does not
+        planned["widths_note"] = ("before pricing: the search drops each width that the cost table prices no "
+                                  "faster than a wider one")
+    return planned
 
 
 def _round_limit(cfg: PAGCPConfig) -> int:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from compress.config import ALDSConfig, SVDConfig, latency_keep_of
+from compress.errors import UsageError
 from compress.measure import count_macs
 from compress.measure.backends import LatencySettings, measure_backends
 from compress.measure.costs import CostModel, LayerSite, measure_model_ms, predict_ms, rest_ms, sites_of
@@ -298,6 +299,12 @@ class Meter:
     calibration: Calibration | None = None
     measure: Callable[[nn.Module], float] | None = None
     predicted_ratio: Callable[[nn.Module], float] | None = None
+    # a channel unit's candidate removals -> those whose kept width the table prices faster than every wider one
+    widths: Callable[[Any, list[int]], list[int]] | None = None
+
+    def candidates(self, unit: Any, removals: list[int]) -> list[int]:
+        """The removals worth probing: all of them, or with prices the ones that make the unit faster."""
+        return self.widths(unit, removals) if self.widths is not None and removals else removals
 
 
 def macs_meter(example: torch.Tensor) -> Meter:
@@ -326,5 +333,43 @@ def latency_meter(original: nn.Module, example: torch.Tensor, backend: str, batc
         x = calibration_x if calibration_x is not None else example
         return measured_ratio(model, reference, example, x, backend, batch)["latency_measured"]
 
+    sites = sites_of(reference, example)
+    fast: dict[tuple[str, int, tuple[int, ...]], list[int]] = {}
+
+    def widths(unit: Any, removals: list[int]) -> list[int]:
+        key = (unit.name, unit.channels, tuple(removals))
+        if key not in fast:
+            fast[key] = fast_removals(prices, sites, unit, removals)
+            prices.save()
+        return fast[key]
+
     return Meter(f"predicted latency ({backend}, batch {batch}; calibrated on measured models)",
-                 lambda model: original_ms * calibration.measured(ratio(model)), calibration, measure, ratio)
+                 lambda model: original_ms * calibration.measured(ratio(model)), calibration, measure, ratio, widths)
+
+
+def fast_removals(prices: CostModel, sites: dict[str, LayerSite], unit: Any, removals: list[int]) -> list[int]:
+    """The removals whose kept width the table prices strictly faster than the unit's full width and every wider
+    candidate (its Conv2d/Linear members at that many output channels, its consumers at that many inputs): a width
+    that runs no faster than a wider one would cost accuracy for no time (blocked kernels pad to their block)."""
+    def unit_ms(width: int) -> float:
+        total = 0.0
+        for name in unit.members:
+            if name in sites:
+                site = sites[name]
+                depthwise = site.groups > 1 and site.groups == site.in_ch == site.out_ch
+                total += prices.width_ms(site, width if depthwise else site.in_ch, width)
+        for name in unit.consumers:
+            if name in sites:
+                total += prices.width_ms(sites[name], width, sites[name].out_ch)
+        return total
+
+    try:
+        best, kept = unit_ms(unit.channels), []
+        for n in sorted(removals):  # fewest removed first: the widest candidate first
+            ms = unit_ms(unit.channels - n)
+            if ms < best:
+                kept.append(n)
+                best = ms
+    except UsageError:  # a layer the table cannot price at these widths: every candidate stays
+        return removals
+    return kept
