@@ -922,14 +922,13 @@ def _aimed(model: nn.Module, candidates: list[Candidate], budget: Any, calibrati
     measured = pricing.measured_ratio(floor, model, example, calibration_x, budget.prices.backend,
                                       budget.prices.batch)["latency_measured"]
     calibration.add(predicted, measured)
-    if measured > budget.requested * (1 + pricing.LATENCY_TOLERANCE) and not budget.asked:
-        raise UsageError(f"low rank does not make this model faster on {budget.prices.backend}: every decomposable "
-                         f"layer at its cheapest priced option measures {measured:.3f} of the original's latency "
-                         f"(predicted {predicted:.3f}); allocate by weights alone (--no-priced; the model may then "
-                         "run slower), or remove channels (pagcp)")
     if measured > budget.requested * (1 + pricing.LATENCY_TOLERANCE):  # the audit's allowance for timing noise
-        raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable by low rank: every "
-                         f"decomposable layer at its cheapest priced option measures {measured:.3f} of the original "
+        floor = f"every decomposable layer at its cheapest priced option measures {measured:.3f} of the original"
+        if not budget.asked:
+            raise UsageError(f"low rank does not make this model faster on {budget.prices.backend}: {floor}'s "
+                             f"latency (predicted {predicted:.3f}); allocate by weights alone (--no-priced; the "
+                             "model may then run slower), or remove channels (pagcp)")
+        raise UsageError(f"{budget.counted_over} keep ratio {budget.requested} is unreachable by low rank: {floor} "
                          f"(predicted {predicted:.3f}); raise the keep ratio, or remove channels (pagcp "
                          "--latency-target), which also shrinks the time outside the layers")
     return dataclasses.replace(budget, aim=max(calibration.predicted(budget.requested), predicted))
