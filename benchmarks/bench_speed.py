@@ -220,7 +220,7 @@ class Bench:
     def __post_init__(self) -> None:
         self.example = self.splits.test.x[:1].clone()
         # one cost table for every row (COMPRESS_CACHE_DIR): the methods' own tables share the file
-        self.costs = CostModel(ONNXRUNTIME_CPU, batch=1, threads=1)
+        self.costs = CostModel.for_model(self.original, ONNXRUNTIME_CPU, batch=1, threads=1)
         measured = measure_model_ms(self.original, self.example, self.costs, runs=PREDICT_RUNS)
         self.rest = rest_ms(self.original, self.example, self.costs, measured)
         self.predicted_original = predict_ms(self.original, self.example, self.costs, self.rest)
