@@ -694,7 +694,8 @@ def gpu_lines(payload: dict) -> list[str]:
 
 def notes_lines(payload: dict) -> list[str]:
     """How the rows were made, where the models come from, the cost tables, how to reproduce."""
-    tables = ", ".join(f"{m['name']} {m['cost_table']['entries']} entries" for m in payload["models"])
+    tables = ", ".join(f"{m['name']} {m['cost_table']['entries']} entries, "
+                       f"{m['cost_table']['key'].get('weights', 'warm')} weights" for m in payload["models"])
     return [
         "## Notes", "",
         ("- Torch-Pruning rows: `MetaPruner` with `round_to=8`, task heads ignored as in bench_pagcp.py; uniform = "
@@ -707,7 +708,9 @@ def notes_lines(payload: dict) -> list[str]:
         ("- Prediction: rows marked (calibrated) come from the method's own map of predicted to measured ratios, "
          "built from the models it measured while landing its latency target (pricing.land); the other rows are "
          "the cost table's prediction (one-layer graphs timed apart from the model, the time outside the layers "
-         "scaled by the activations handed on), which misses in-model effects (caches, fusion, layout)."),
+         "scaled by the activations handed on), which misses in-model effects (fusion, layout). A model whose "
+         "weights outgrow a core's L2 cache (resnet18, mobilenet_v2) is priced from a cold-weight table: the cache "
+         "flushed before each timed call, the layer's input read back (`CostModel.for_model`)."),
         "- Models: " + "; ".join(f"{m['name']}: {m['made_by']}" for m in payload["models"]) + ".",
         f"- Cost tables: {tables}; a rerun reuses them (one cache directory for the whole run).",
         ("- Reproduce: `make bench-speed` (`python benchmarks/bench_speed.py --quick` tries it on rescnn alone; "
