@@ -220,7 +220,7 @@ class Bench:
     def __post_init__(self) -> None:
         self.example = self.splits.test.x[:1].clone()
         # one cost table for every row (COMPRESS_CACHE_DIR): the methods' own tables share the file
-        self.costs = CostModel.for_model(self.original, ONNXRUNTIME_CPU, batch=1, threads=1)
+        self.costs = CostModel(ONNXRUNTIME_CPU, batch=1, threads=1)
         measured = measure_model_ms(self.original, self.example, self.costs, runs=PREDICT_RUNS)
         self.rest = rest_ms(self.original, self.example, self.costs, measured)
         self.predicted_original = predict_ms(self.original, self.example, self.costs, self.rest)
@@ -694,8 +694,7 @@ def gpu_lines(payload: dict) -> list[str]:
 
 def notes_lines(payload: dict) -> list[str]:
     """How the rows were made, where the models come from, the cost tables, how to reproduce."""
-    tables = ", ".join(f"{m['name']} {m['cost_table']['entries']} entries, "
-                       f"{m['cost_table']['key'].get('weights', 'warm')} weights" for m in payload["models"])
+    tables = ", ".join(f"{m['name']} {m['cost_table']['entries']} entries" for m in payload["models"])
     return [
         "## Notes", "",
         ("- Torch-Pruning rows: `MetaPruner` with `round_to=8`, task heads ignored as in bench_pagcp.py; uniform = "
@@ -708,9 +707,7 @@ def notes_lines(payload: dict) -> list[str]:
         ("- Prediction: rows marked (calibrated) come from the method's own map of predicted to measured ratios, "
          "built from the models it measured while landing its latency target (pricing.land); the other rows are "
          "the cost table's prediction (one-layer graphs timed apart from the model, the time outside the layers "
-         "scaled by the activations handed on), which misses in-model effects (fusion, layout). A model whose "
-         "weights outgrow a core's L2 cache (resnet18, mobilenet_v2) is priced from a cold-weight table: the cache "
-         "flushed before each timed call, the layer's input read back (`CostModel.for_model`)."),
+         "scaled by the activations handed on), which misses in-model effects (caches, fusion, layout)."),
         "- Models: " + "; ".join(f"{m['name']}: {m['made_by']}" for m in payload["models"]) + ".",
         f"- Cost tables: {tables}; a rerun reuses them (one cache directory for the whole run).",
         ("- Reproduce: `make bench-speed` (`python benchmarks/bench_speed.py --quick` tries it on rescnn alone; "

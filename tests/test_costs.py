@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,11 @@ from compress.measure.costs import (
     CostModel,
     LayerSite,
     cost_key,
-    l2_cache_bytes,
     measure_model_ms,
     predict_ms,
     rank_grid,
     rest_ms,
     sites_of,
-    weights_outgrow_cache,
 )
 from compress.measure.latency import interleaved_rounds
 
@@ -56,7 +53,7 @@ def test_cache_is_reused_by_a_second_model_with_the_same_key(tmp_path: Path) -> 
     assert second.summary()["cache_file"] == str(first.cache_file)
 
 
-@pytest.mark.parametrize("change", [{"threads": 2}, {"batch": 2}, {"backend": "pytorch-cpu"}, {"cold_weights": True}])
+@pytest.mark.parametrize("change", [{"threads": 2}, {"batch": 2}, {"backend": "pytorch-cpu"}])
 def test_another_key_gets_another_file_and_times_again(tmp_path: Path, change: dict) -> None:
     site = conv_site()
     first = costs(tmp_path)
@@ -180,44 +177,6 @@ def test_interleaved_rounds_gives_one_series_per_callable() -> None:
     series = interleaved_rounds([lambda: calls.append("a"), lambda: calls.append("b")], runs=4, warmup=1)
     assert [len(s) for s in series] == [4, 4]
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then the order flips each round
-
-
-def test_interleaved_rounds_runs_each_before_call_untimed_right_before_its_callable() -> None:
-    calls: list[str] = []
-    slow_before = [lambda: (calls.append("flush a"), time.sleep(0.02)), lambda: calls.append("flush b")]
-    series = interleaved_rounds([lambda: calls.append("a"), lambda: calls.append("b")], runs=2, warmup=1,
-                                before=slow_before)
-    assert calls == ["flush a", "a", "flush b", "b", "flush a", "a", "flush b", "b", "flush b", "b", "flush a", "a"]
-    assert max(max(s) for s in series) < 0.01  # the 20 ms before each "a" is not in its time
-
-
-def test_a_cold_weight_table_keeps_its_own_key_and_warm_tables_keep_theirs() -> None:
-    warm, cold = cost_key("onnxruntime-cpu", 1, 1), cost_key("onnxruntime-cpu", 1, 1, cold_weights=True)
-    assert "weights" not in warm  # tables timed before cold weights existed stay valid
-    assert cold == {**warm, "weights": "cold"}
-
-
-def test_a_model_is_priced_with_cold_weights_exactly_when_they_outgrow_the_l2_cache() -> None:
-    small = nn.Sequential(nn.Conv2d(16, 16, 3), nn.BatchNorm2d(16))
-    held = sum(t.numel() * t.element_size() for t in (*small.parameters(), *small.buffers()))
-    assert not weights_outgrow_cache(small, cache_bytes=held)
-    assert weights_outgrow_cache(small, cache_bytes=held - 1)
-    l2 = l2_cache_bytes()
-    if l2 is not None:  # Linux: this CPU's own L2 decides for the models users run
-        assert 64 << 10 <= l2 <= 64 << 20
-        big = nn.Linear(1024, l2 // 4096 + 1)  # just over the L2 in float32 weights
-        assert CostModel.for_model(big, cache_dir=Path("/nonexistent-unused")).cold_weights
-        assert not CostModel.for_model(small, cache_dir=Path("/nonexistent-unused")).cold_weights
-
-
-@pytest.mark.slow
-def test_cold_weights_price_a_weight_bound_layer_higher_than_warm(tmp_path: Path) -> None:
-    """A 1 MB matrix-vector product fits a 2 MB L2 when timed alone in a loop; with cold weights it is read from
-    further out, as inside resnet18 (45 MB): the cold table must price it clearly higher."""
-    site = linear_site(512, 512)
-    warm = CostModel(cache_dir=tmp_path, runs=31, warmup=5).site_ms(site)
-    cold = CostModel(cache_dir=tmp_path, runs=31, warmup=5, cold_weights=True).site_ms(site)
-    assert cold > 1.3 * warm, (cold, warm)
 
 
 def test_predicted_latency_of_the_builtin_classifier_and_its_decomposition(tmp_path: Path) -> None:

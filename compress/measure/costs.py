@@ -20,15 +20,11 @@ the median of the per-round ratios, so that drift hits both alike. The table is 
 equal layers share one. A second `CostModel` with the same key times nothing; a file it cannot read is ignored and
 rewritten.
 
-A model whose weights fit a core's L2 cache keeps them there from one inference to the next, and its layers are
-timed so. A larger one (resnet18: 45 MB against 2 MB of L2) reads each layer's weights from further out: inside
-it a layer whose weights fit L2 on their own ran up to 2x its warm one-layer time. Its table (`cold_weights`,
-chosen by `weights_outgrow_cache`; its own cache key) therefore times every call after reading a buffer of four
-times the L2 size, running a twin of the layer on other weights and reading the layer's input again: weights
-cold, input and code warm, as the layer runs in that model (a flush alone made a tiny layer's call 3-6x slower).
-
 A whole model's latency is predicted as the part outside its Conv2d/Linear layers (`rest_ms`, measured once on the
-original model) plus the sum of its layers' prices (`predict_ms`).
+original model) plus the sum of its layers' prices (`predict_ms`). Prices are warm-cache times: a model whose
+weights outgrow the last-level cache (resnet18: 43 MB) runs its large layers slower than their price; `rest_ms`
+absorbs that for the original, but holds it constant, so a compressed model that fits the cache again is
+predicted too slow.
 """
 
 from __future__ import annotations
@@ -67,7 +63,6 @@ RANK_COARSE_STEP = 128
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 CALL_KEY = "call|session"  # the cache entry of the cost of calling a one-layer graph, beyond its layer
 MIN_SHARE = 0.1  # a layer is never priced below this share of its timed one-layer graph
-FLUSH_TIMES_L2, DEFAULT_L2_BYTES = 4, 2 << 20  # cold weights: read 4x the L2 cache (2 MiB where sysfs is silent)
 
 
 # ------------------------------------------------------------------------------------------------- sites
@@ -182,43 +177,14 @@ def sites_of(model: nn.Module, example: torch.Tensor) -> dict[str, LayerSite]:
 # ------------------------------------------------------------------------------------------------- key and cache
 
 
-def cost_key(backend: str, batch: int, threads: int, cold_weights: bool = False) -> dict[str, str]:
-    """What a cost table is valid for: backend, batch, threads, versions, the CPU (and the GPU for CUDA), and
-    whether weights are timed cold (only then is that named: warm tables keep the key they always had)."""
+def cost_key(backend: str, batch: int, threads: int) -> dict[str, str]:
+    """What a cost table is valid for: backend, batch, threads, versions, the CPU (and the GPU for CUDA)."""
     key = {"format": CACHE_FORMAT, "backend": backend, "batch": str(batch), "threads": str(threads),
            "torch": torch.__version__, "onnx": str(_version("onnx")), "onnxruntime": str(_version("onnxruntime")),
            "compress": compress.__version__, "cpu": _cpu_model()}
     if backend == PYTORCH_CUDA:
         key["cuda_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    if cold_weights:
-        key["weights"] = "cold"
     return key
-
-
-def l2_cache_bytes() -> int | None:
-    """The L2 cache of one CPU core in bytes, from Linux's sysfs (None where it does not say)."""
-    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
-        try:
-            if (index / "level").read_text().strip() != "2" or (index / "type").read_text().strip() == "Instruction":
-                continue
-            size = (index / "size").read_text().strip().upper()
-        except OSError:
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
-        digits = size.rstrip("KMG")
-        if digits.isdigit():
-            return int(digits) * scale
-    return None
-
-
-def weights_outgrow_cache(model: nn.Module, cache_bytes: int | None = None) -> bool:
-    """Whether the model's parameters and buffers are larger than the L2 cache (`cache_bytes`, default this CPU's):
-    then its layers run with their weights cold, and its cost table is timed so (CostModel's `cold_weights`)."""
-    cache_bytes = l2_cache_bytes() if cache_bytes is None else cache_bytes
-    if cache_bytes is None:
-        return False
-    held = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    return held > cache_bytes
 
 
 def default_cache_dir() -> Path:
@@ -462,18 +428,7 @@ def _trivial_graph(workdir: Path) -> Path:
     return path
 
 
-@dataclass(frozen=True)
-class _Call:
-    """A zero-argument call running one layer, one that reads its input (to bring it back into cache), and one
-    running a twin of the layer with other weights (to warm the code and structures the layer's call runs through
-    without warming its weights)."""
-
-    run: Callable[[], object]
-    read_input: Callable[[], object]
-    twin: Callable[[], object] = lambda: None
-
-
-def _bound_call(session: Any, batch: int, rng: np.random.Generator) -> _Call:
+def _bound_call(session: Any, batch: int, rng: np.random.Generator) -> Callable[[], object]:
     """A call running `session` on a random input of its shape at `batch`, with inputs and outputs bound.
 
     IO binding keeps the output in ONNX Runtime's arena instead of copying it into a fresh NumPy array each call:
@@ -483,13 +438,12 @@ def _bound_call(session: Any, batch: int, rng: np.random.Generator) -> _Call:
 
     spec = session.get_inputs()[0]
     shape = [batch if not isinstance(d, int) else d for d in spec.shape]
-    x = _random(shape, rng)
-    value = ort.OrtValue.ortvalue_from_numpy(x)  # on the CPU it wraps x's memory: reading x warms the input
+    value = ort.OrtValue.ortvalue_from_numpy(_random(shape, rng))
     binding = session.io_binding()
     binding.bind_ortvalue_input(spec.name, value)
     binding.bind_output(session.get_outputs()[0].name)
     session.run_with_iobinding(binding)  # the first call allocates the output; later calls reuse its arena block
-    return _Call(lambda: session.run_with_iobinding(binding), lambda: float(x.sum()))
+    return lambda: session.run_with_iobinding(binding)
 
 
 class _GroupedMatmul(nn.Module):
@@ -527,14 +481,11 @@ class CostModel:
 
     Prices come from the cache file of `cost_key(backend, batch, threads)` under `cache_dir` when it has them;
     each miss is timed (counted in `timed`, the wall time in `seconds_timing`) and the file rewritten after
-    each layer's variants, so a run that stops keeps what it timed. With `cold_weights` (for a model whose weights
-    outgrow the L2 cache, `weights_outgrow_cache`) each timed call first reads a buffer of four times the L2 cache,
-    runs a twin of the layer on other weights and reads the layer's input: on the CPU backends only the weights
-    come from further out, as they do in that model.
+    each layer's variants, so a run that stops keeps what it timed.
     """
 
     def __init__(self, backend: str = ONNXRUNTIME_CPU, *, batch: int = 1, threads: int = 1,
-                 cache_dir: Path | None = None, runs: int = 15, warmup: int = 3, cold_weights: bool = False) -> None:
+                 cache_dir: Path | None = None, runs: int = 15, warmup: int = 3) -> None:
         if backend not in COST_BACKENDS:
             why = ("the mobile proxy's int8 graphs need a calibration and an ORT conversion per variant, too slow "
                    "for a cost table; " if backend == MOBILE_PROXY else "")
@@ -547,9 +498,7 @@ class CostModel:
             raise UsageError(f"cost model batch {batch}, threads {threads} and runs {runs} must be >= 1, "
                              f"warm-up {warmup} >= 0")
         self.backend, self.batch, self.threads, self.runs, self.warmup = backend, batch, threads, runs, warmup
-        # a GPU's weights sit in its own memory hierarchy: cold CPU caches say nothing about it
-        self.cold_weights = cold_weights and backend != PYTORCH_CUDA
-        self.key = cost_key(backend, batch, threads, self.cold_weights)
+        self.key = cost_key(backend, batch, threads)
         self.cache_file = _cache_file(Path(cache_dir) if cache_dir is not None else default_cache_dir(), self.key)
         self.entries: dict[str, float] = _read_entries(self.cache_file, self.key)
         self.timed = 0
@@ -557,12 +506,6 @@ class CostModel:
         self.seconds_timing = 0.0
         self._rng = np.random.default_rng(0)
         self._block: int | None = None
-        self._flush: np.ndarray | None = None  # read before each timed call with cold weights
-
-    @classmethod
-    def for_model(cls, model: nn.Module, backend: str = ONNXRUNTIME_CPU, **options: Any) -> CostModel:
-        """The table to price `model`'s layers with: weights timed cold when they outgrow the L2 cache."""
-        return cls(backend, cold_weights=weights_outgrow_cache(model), **options)
 
     # ---- public prices
 
@@ -657,7 +600,7 @@ class CostModel:
             with tempfile.TemporaryDirectory(prefix="compress-costs-") as tmp:
                 call = _bound_call(export.ort_session(_trivial_graph(Path(tmp)), threads=self.threads), self.batch,
                                    self._rng)
-                series = interleaved_rounds([call.run], runs=self.runs, warmup=self.warmup)
+                series = interleaved_rounds([call], runs=self.runs, warmup=self.warmup)
             self.entries[CALL_KEY] = 1e3 * statistics.median(series[0])
             self.timed += 1
             self.seconds_timing += time.perf_counter() - start
@@ -683,39 +626,20 @@ class CostModel:
         with self._caller() as (call_of, synchronize):
             dense_call = call_of(dense)
             if dense.shape_key not in self.entries:
-                base = interleaved_rounds([dense_call.run], runs=self.runs, warmup=self.warmup,
-                                          synchronize=synchronize, before=[self._ready(dense_call)])
+                base = interleaved_rounds([dense_call], runs=self.runs, warmup=self.warmup, synchronize=synchronize)
                 self.entries[dense.shape_key] = 1e3 * statistics.median(base[0])
                 self.timed += 1
             dense_ms = self.entries[dense.shape_key]
             for variant in variants:
-                variant_call = call_of(variant)
-                base, times = interleaved_rounds([dense_call.run, variant_call.run], runs=self.runs,
-                                                 warmup=self.warmup, synchronize=synchronize,
-                                                 before=[self._ready(dense_call), self._ready(variant_call)])
+                base, times = interleaved_rounds([dense_call, call_of(variant)], runs=self.runs, warmup=self.warmup,
+                                                 synchronize=synchronize)
                 self.entries[variant.shape_key] = dense_ms * statistics.median(t / b for t, b in zip(times, base))
                 self.timed += 1
         self.seconds_timing += time.perf_counter() - start
         self.save()
 
-    def _ready(self, call: _Call) -> Callable[[], object]:
-        """What runs before each timed call: nothing, or with cold weights the cache flushed, then the layer's twin
-        and a read of its input run, so that only its weights are cold."""
-        if not self.cold_weights:
-            return lambda: None
-        if self._flush is None:
-            self._flush = np.ones(FLUSH_TIMES_L2 * (l2_cache_bytes() or DEFAULT_L2_BYTES) // 4, dtype=np.float32)
-        flush = self._flush
-
-        def ready() -> None:
-            flush.sum()
-            call.twin()  # inside a model the kernels' code and the executor stay warm: only weights come cold
-            call.read_input()
-
-        return ready
-
     @contextmanager
-    def _caller(self) -> Iterator[tuple[Callable[[LayerSite], _Call], Callable[[], None]]]:
+    def _caller(self) -> Iterator[tuple[Callable[[LayerSite], Callable[[], object]], Callable[[], None]]]:
         """A factory of zero-argument calls running a site once on this backend, and the synchronisation."""
         if self.backend == ONNXRUNTIME_CPU:
             with tempfile.TemporaryDirectory(prefix="compress-costs-") as tmp:
@@ -726,18 +650,15 @@ class CostModel:
         with torch_threads(self.threads), torch.inference_mode():
             yield (lambda site: self._torch_call(site, device)), sync
 
-    def _ort_call(self, site: LayerSite, workdir: Path) -> _Call:
+    def _ort_call(self, site: LayerSite, workdir: Path) -> Callable[[], object]:
         """A call running the site's one-layer graph, as it runs inside a model, in an ORT session (IO-bound)."""
         import onnx
 
-        sessions = []
-        for _ in range(2 if self.cold_weights else 1):  # with cold weights, a twin on other weights
-            index = len(list(workdir.glob("*.plain.onnx")))
-            plain = workdir / f"{index}.plain.onnx"
-            onnx.save(_onnx_graph(site, self._rng), str(plain))
-            chained = _in_chain(plain, workdir / f"{index}.chain.onnx", site, self._nchwc_block())
-            sessions.append(_bound_call(export.ort_session(chained, threads=self.threads), self.batch, self._rng))
-        return replace(sessions[0], twin=sessions[-1].run) if self.cold_weights else sessions[0]
+        index = len(list(workdir.glob("*.plain.onnx")))
+        plain = workdir / f"{index}.plain.onnx"
+        onnx.save(_onnx_graph(site, self._rng), str(plain))
+        chained = _in_chain(plain, workdir / f"{index}.chain.onnx", site, self._nchwc_block())
+        return _bound_call(export.ort_session(chained, threads=self.threads), self.batch, self._rng)
 
     def _nchwc_block(self) -> int:
         """ONNX Runtime's NCHWc block size on this CPU (channels per block; 1 where it has no blocked kernels)."""
@@ -745,11 +666,11 @@ class CostModel:
             self._block = _probe_nchwc_block()
         return self._block
 
-    def _torch_call(self, site: LayerSite, device: torch.device) -> _Call:
+    def _torch_call(self, site: LayerSite, device: torch.device) -> Callable[[], object]:
         """A call running the site as an nn.Module in eval mode on `device`."""
-        layer, twin = _torch_layer(site).eval().to(device), _torch_layer(site).eval().to(device)
+        layer = _torch_layer(site).eval().to(device)
         x = torch.from_numpy(_random((self.batch, *site.input_shape), self._rng)).to(device)
-        return _Call(lambda: layer(x), lambda: float(x.sum()), lambda: twin(x))
+        return lambda: layer(x)
 
 
 # ------------------------------------------------------------------------------------------------- whole models

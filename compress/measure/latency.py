@@ -53,24 +53,19 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def interleaved_rounds(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int,
-                       synchronize: Callable[[], None] = lambda: None,
-                       before: Sequence[Callable[[], object]] | None = None) -> list[list[float]]:
+                       synchronize: Callable[[], None] = lambda: None) -> list[list[float]]:
     """Seconds per call of each of `fns`, all called once in every round, the order reversed every other round.
 
     Each callable gets one series of `runs` times, in the order of `fns`; round i of every series comes from the
     same stretch of wall time, so a slow spell (another process, a frequency change) hits all of them alike.
-    `before` (one per fn) runs right before each call of its fn, untimed: to set the caches as they would be.
     """
-    prepare = list(before) if before is not None else [lambda: None] * len(fns)
     for _ in range(warmup):
-        for fn, ready in zip(fns, prepare):
-            ready()
+        for fn in fns:
             fn()
     series: list[list[float]] = [[] for _ in fns]
-    forward = list(zip(fns, series, prepare))
+    forward = list(zip(fns, series))
     for i in range(runs):
-        for fn, sink, ready in (forward if i % 2 == 0 else forward[::-1]):
-            ready()
+        for fn, sink in (forward if i % 2 == 0 else forward[::-1]):
             synchronize()
             start = time.perf_counter()
             fn()

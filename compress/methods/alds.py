@@ -893,7 +893,7 @@ def _prepare(model: nn.Module, cfg: SVDConfig | ALDSConfig, ctx: Context, groups
     calibration = None
     if latency_keep_of(cfg) is not None:
         pricing.priced_ks(candidates)
-        by_time = pricing.latency_budget(model, candidates, example, cfg, prices or pricing.cost_model_for(cfg, model),
+        by_time = pricing.latency_budget(model, candidates, example, cfg, prices or pricing.cost_model_for(cfg),
                                          outside_ms)
         if isinstance(by_time.prices, pricing.CostModel):
             calibration = pricing.Calibration()

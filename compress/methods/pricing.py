@@ -111,9 +111,9 @@ def timing_inputs(ctx: Any) -> torch.Tensor:
     return ctx.splits.calibration.x[:64] if ctx.splits is not None else ctx.example_inputs
 
 
-def cost_model_for(cfg: ALDSConfig | SVDConfig, model: nn.Module) -> CostModel:
-    """The cost table of the config's backend and batch, one thread, for `model` (cached on disk across runs)."""
-    return CostModel.for_model(model, cfg.backend, batch=cfg.latency_batch, threads=1)
+def cost_model_for(cfg: ALDSConfig | SVDConfig) -> CostModel:
+    """The cost table of the config's backend and batch, one thread (cached on disk across runs)."""
+    return CostModel(cfg.backend, batch=cfg.latency_batch, threads=1)
 
 
 def latency_budget(model: nn.Module, candidates: list[Any], example: torch.Tensor, cfg: ALDSConfig | SVDConfig,
@@ -318,7 +318,7 @@ def latency_meter(original: nn.Module, example: torch.Tensor, backend: str, batc
     milliseconds of the original; the time outside the layers scales with the activations the model hands between
     them (costs.predict_ms); the ratio to the original goes through the meter's calibration, which grows with every
     model `measure` times against the original (interleaved, whole models)."""
-    prices = CostModel.for_model(original, backend, batch=batch, threads=1)
+    prices = CostModel(backend, batch=batch, threads=1)
     reference = copy.deepcopy(original).eval()  # the method prunes `original` in place
     outside = rest_ms(reference, example, prices, measure_model_ms(reference, example, prices))
     original_ms = predict_ms(reference, example, prices, outside)
