@@ -384,6 +384,38 @@ def _ranks_shipped(model: nn.Module) -> list[tuple[int, int]]:
 
 
 @pytest.mark.slow
+def test_groups_flag_limits_the_channel_groups_alds_may_give_a_layer(tmp_path):
+    """`--groups 1` ships plain low rank: no decomposed layer is grouped (read from the shipped modules), at the
+    same parameter budget, where the search left free groups some; a group count below 1 is refused in one line."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from compress.cli import app
+    from compress.measure.size import count_params
+    from compress.models import load_model
+    from tests.test_cli import assert_one_line_error
+
+    original = load_model("rescnn").model
+    pairs = {}
+    for name, extra in (("search", []), ("plain", ["--groups", "1"])):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["prune", "--method", "alds", "--keep", "0.5", "--no-priced",
+                                          "--finetune-epochs", "0", "--no-latency", "--quiet", "--out", str(out),
+                                          *extra])
+        assert result.exit_code == 0, result.output
+        shipped = load_model(str(out)).model
+        pairs[name] = _ranks_shipped(shipped)
+        assert count_params(shipped).total / count_params(original).total == pytest.approx(0.5, abs=0.01)
+        assert json.loads((out / "report.json").read_text())["keep"]["requested"] == 0.5
+    assert any(k > 1 for k, _ in pairs["search"]), pairs["search"]
+    assert pairs["plain"] and all(k == 1 for k, _ in pairs["plain"]), pairs["plain"]
+    result = CliRunner().invoke(app, ["prune", "--method", "alds", "--groups", "0", "--out", str(tmp_path / "bad")])
+    assert "groups = [0] must hold integers >= 1" in assert_one_line_error(result, 2)
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
 def test_alds_is_priced_by_default_and_ships_faster_than_the_original(tmp_path, monkeypatch):
     """`compress prune --method alds --keep 0.5` prices its choices on ONNX Runtime without being asked: every
     shipped rank is a multiple of the rank step, the report states the implied no-slower budget, and the shipped
