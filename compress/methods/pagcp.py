@@ -545,11 +545,14 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
     macs_entry = probe_contributions(graph, example, cfg.probe_ratio, ctx.progress)
     units, reference, cache = graph.units, oracle.losses(model), {}
     attempts: list[Attempt] = []
+
+    def search(bound: Bound) -> list[Attempt]:
+        """The delta0 ladder under `bound` (probes shared through `cache`)."""
+        return target_attempts(lambda d0: _attempt(model, units, cfg, d0, bound, reference, oracle, example, cache,
+                                                   macs_original, ctx.progress, meter), cfg, bound)
+
     for tau in _taus_to_try(cfg):
-        bound = make_bound(cfg, oracle.tasks, tau)
-        run = lambda d0, b=bound: _attempt(model, units, cfg, d0, b, reference, oracle, example,
-                                           cache, macs_original, ctx.progress, meter)
-        attempts += target_attempts(run, cfg, bound)
+        attempts += search(make_bound(cfg, oracle.tasks, tau))
         if not _short(_pick(attempts, cfg), cfg):
             break
     chosen = _pick(attempts, cfg)
@@ -559,9 +562,7 @@ def run_round(model: nn.Module, cfg: PAGCPConfig, ctx: Context, oracle: Oracle, 
         if _landed_short(landing, cfg):
             # the searches stopped where the uncalibrated prediction put the target; with the models just measured
             # the meter counts higher, so the same delta0 ladder now goes further (probes come from the cache)
-            run = lambda d0: _attempt(model, units, cfg, d0, bound, reference, oracle, example, cache,
-                                      macs_original, ctx.progress, meter)
-            again = target_attempts(run, cfg, bound)
+            again = search(bound)
             attempts += again
             deeper = _pick(again, cfg)
             if deeper.keep < _taken(landing):  # both as measured (deeper's through the recalibrated meter)
