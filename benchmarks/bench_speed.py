@@ -331,6 +331,8 @@ def compress_row(bench: Bench, setting: Setting, target: float) -> tuple[nn.Modu
         extra["calibrated_by_method"] = result.summary["keep"]["achieved"]
     if "target_met" in result.summary:
         extra["target_met"] = result.summary["target_met"]
+    if "compare_plain" in result.summary:  # priced ALDS: the searched k's or plain low rank, which shipped and why
+        extra["compare_plain"] = result.summary["compare_plain"]
     return result.model, (result, ctx), extra
 
 
@@ -704,6 +706,18 @@ def gpu_lines(payload: dict) -> list[str]:
     return lines + [""]
 
 
+def shipped_allocations(payload: dict) -> list[str]:
+    """Per priced, searching ALDS row: whether a decomposed layer is grouped (the search's k's) or none is."""
+    out = []
+    for row in payload["rows"]:
+        if row.get("method") != "alds" or row["setting"] in ("alds-keep0.5",) or row["setting"].endswith("-k1"):
+            continue
+        ks = [t["groups"] for t in row.get("transforms") or [] if "groups" in t]
+        if ks:
+            out.append(f"{row['model']} {row['setting']}: {'search' if any(k > 1 for k in ks) else 'plain'}")
+    return out
+
+
 def notes_lines(payload: dict) -> list[str]:
     """How the rows were made, where the models come from, the cost tables, how to reproduce."""
     tables = ", ".join(f"{m['name']} {m['cost_table']['entries']} entries" for m in payload["models"])
@@ -720,6 +734,9 @@ def notes_lines(payload: dict) -> list[str]:
          "built from the models it measured while landing its latency target (pricing.land); the other rows are "
          "the cost table's prediction (one-layer graphs timed apart from the model, the time outside the layers "
          "scaled by the activations handed on), which misses in-model effects (caches, fusion, layout)."),
+        ("- Priced ALDS (not `--groups 1`) weighs its searched k's against plain low rank on calibration data and "
+         "ships one (`compare_plain`); what each row shipped, read from its transforms: "
+         + "; ".join(shipped_allocations(payload)) + "."),
         "- Models: " + "; ".join(f"{m['name']}: {m['made_by']}" for m in payload["models"]) + ".",
         f"- Cost tables: {tables}; a rerun reuses them (one cache directory for the whole run).",
         ("- Reproduce: `make bench-speed` (`python benchmarks/bench_speed.py --quick` tries it on rescnn alone; "

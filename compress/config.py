@@ -277,12 +277,16 @@ class ALDSConfig(ConfigBase):
     latency_batch: int = field(default=1, metadata=_LATENCY_BATCH)
     rank_step: int = field(default=8, metadata=_RANK_STEP)
     dense_margin: float = field(default=0.1, metadata=_DENSE_MARGIN)
-    # candidate k per layer (used where k divides the input channels); empty: all. Priced, k = 1 alone was as
-    # accurate or far more (mobilenet_v2) on three networks of reports/speed.md, but not on the multitask model,
-    # so the search stays the default
+    # candidate k per layer (used where k divides the input channels); empty: all
     groups: tuple[int, ...] = field(default=(), metadata={
         "help": "Channel groups k the search may give a layer (repeat the option; default: every divisor). "
                 "--groups 1: plain low rank, no grouped layers."})
+    # priced: the searched k's minimise the worst layer's error bound, which on some networks (mobilenet_v2 in
+    # reports/speed.md) costs far more accuracy than plain low rank at the same budget; the data decide instead
+    compare_plain: bool = field(default=True, metadata={
+        "help": "Priced, with data: also allocate plain low rank (k = 1) under the same budgets and ship the one "
+                "predicted faster unless the other's calibration loss is lower beyond paired noise "
+                "(--no-compare-plain: the searched k's, as the paper)."})
     # k only where each group keeps at least this many input channels: narrow groups cut MACs but run slowly on
     # dense runtimes (ONNX Runtime, mobile); 1 allows every divisor, as the paper does
     min_group_channels: int = field(default=1, metadata={

@@ -13,7 +13,7 @@ from torch import nn
 
 from compress.config import ALDSConfig, SVDEnergyConfig
 from compress.errors import UsageError
-from compress.measure.costs import LayerSite
+from compress.measure.costs import LayerSite, sites_of
 from compress.methods import Context
 from compress.methods.alds import LowRank, run_alds, run_svd
 
@@ -445,6 +445,11 @@ def test_alds_is_priced_by_default_and_ships_faster_than_the_original(tmp_path, 
     pairs = _ranks_shipped(priced)
     assert pairs and all(j % 8 == 0 and (k * j) % 8 == 0 for k, j in pairs), pairs
     assert any(j % 8 for _, j in _ranks_shipped(shipped["paper"][0]))
+    # with data, the searched k's were weighed against plain low rank; what shipped is what the report says
+    compared = report["summary"]["compare_plain"]
+    assert ({k for k, _ in pairs} == {1}) == (compared["shipped"] == "plain"), (compared, pairs)
+    assert "Searched k against plain low rank" in (tmp_path / "priced" / "report.md").read_text()
+    assert "compare_plain" not in shipped["paper"][1]["summary"]
     # half of all parameters, counted here: met by the paper's allocation, a ceiling for the priced one, whose
     # implied no-slower budget may bind after landing on the measured latency (seen: 0.483)
     kept = {name: count_params(model).total / count_params(original).total for name, (model, _) in shipped.items()}
@@ -501,3 +506,111 @@ def test_the_implied_no_slower_budget_is_audited_and_says_where_it_comes_from():
     latency = [p for p in outcome.problems if "measured latency" in p]
     assert len(latency) == 1 and "no-slower budget" in latency[0], outcome.problems
     assert outcome.figures["latency_measured"] > 2.0
+
+
+# ------------------------------------------------------------------------------- plain low rank vs the search
+
+
+def test_the_incumbent_is_the_faster_allocation_and_the_other_ships_only_when_better_beyond_noise():
+    """The pure rule behind `compare_plain`: plain low rank is the incumbent only when predicted faster by more than
+    the tie margin; the other allocation replaces it when its loss is lower beyond PLAIN_Z paired standard errors
+    on some task and higher beyond them on none (a trade between tasks keeps the incumbent)."""
+    from compress.methods.alds import PLAIN_TIE, choose_plain_or_search
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 1.5, size=(2, 400))
+    noise = rng.normal(0.0, 0.05, size=(2, 400))
+    lower = base - np.array([[0.05], [0.0]])                         # task 0 clearly lower, task 1 the same
+    traded = base + np.array([[-0.05], [0.05]])                      # task 0 lower, task 1 higher
+    faster, tied = {"search": 1.0, "plain": 0.8}, {"search": 1.0, "plain": 1.0 - PLAIN_TIE / 2}
+    assert choose_plain_or_search(faster, {"plain": base, "search": base + noise})[:2] == ("plain", "plain")
+    assert choose_plain_or_search(faster, {"plain": base + noise, "search": lower + noise})[:2] == \
+        ("search", "plain")
+    assert choose_plain_or_search(faster, {"plain": base, "search": traded + noise})[0] == "plain"
+    assert choose_plain_or_search(tied, {"plain": base + noise, "search": base})[:2] == ("search", "search")
+    assert choose_plain_or_search(tied, {"plain": lower + noise, "search": base})[:2] == ("plain", "search")
+    _, _, z = choose_plain_or_search(tied, {"plain": lower + noise, "search": base})
+    diff = (lower + noise - base)[0]
+    assert z[0] == pytest.approx(diff.mean() / (diff.std(ddof=1) / np.sqrt(diff.size)))
+
+
+class WideDigits(Wide):
+    """Wide with one input channel (scikit-learn's 8x8 digits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 32, 3, padding=1)
+
+
+@pytest.fixture(scope="module")
+def trained_wide(digits) -> WideDigits:
+    """WideDigits trained for a few epochs on digits (seeded), so that allocations differ in loss."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = WideDigits()
+        optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+        for _ in range(4):
+            order = torch.randperm(len(digits.train.y))
+            for start in range(0, len(order), 64):
+                index = order[start:start + 64]
+                loss = nn.functional.cross_entropy(model(digits.train.x[index]), digits.train.y[index])
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("budget", [{"latency_keep": 0.4}, {"latency_keep": 0.7}, {"keep": 0.3}, {"keep": 0.5}])
+def test_priced_alds_ships_the_faster_of_search_and_plain_low_rank_unless_the_other_is_better_beyond_noise(
+        digits, trained_wide, budget):
+    """Priced ALDS with data allocates both its searched k's and plain low rank (k = 1) under the same budgets and
+    ships by the rule, recomputed here from the two alternatives run on their own (--no-compare-plain and
+    --groups 1): their prices summed from the shipped modules, their item losses on the calibration items
+    evaluated here. The shipped model is exactly one of the two."""
+    from compress.methods.alds import PLAIN_ITEMS, PLAIN_TIE, PLAIN_Z
+
+    example = torch.randn(1, 1, 8, 8)
+    ctx = Context(example, splits=digits, seed=0)
+    prices = MacPrices(grouped=1.5)  # grouped forms a little pricier, so that the two allocations differ in time
+
+    def shipped(**extra) -> tuple[nn.Module, dict]:
+        model = copy.deepcopy(trained_wide)
+        result = run_alds(model, ALDSConfig(seeds=4, rounds=2, **budget, **extra), ctx, prices=prices,
+                          outside_ms=0.0)
+        return model.eval(), result.summary
+
+    guarded, summary = shipped()
+    search, _ = shipped(compare_plain=False)
+    plain, _ = shipped(groups=(1,))
+    assert any(k > 1 for k, _ in _ranks_shipped(search)), "the search must group a layer for the rule to matter"
+    assert all(k == 1 for k, _ in _ranks_shipped(plain))
+    x, y = digits.calibration.x[:PLAIN_ITEMS], digits.calibration.y[:PLAIN_ITEMS]
+    with torch.no_grad():
+        losses = {name: nn.functional.cross_entropy(m(x), y, reduction="none").double().numpy()
+                  for name, m in (("search", search), ("plain", plain))}
+    ms = {name: sum(prices.site_ms(s) for s in sites_of(m, example).values())
+          for name, m in (("search", search), ("plain", plain))}
+    incumbent = "plain" if ms["plain"] < ms["search"] * (1 - PLAIN_TIE) else "search"
+    other = "search" if incumbent == "plain" else "plain"
+    diff = losses[other] - losses[incumbent]
+    z = diff.mean() / (diff.std(ddof=1) / np.sqrt(diff.size))
+    expected = other if z < -PLAIN_Z else incumbent
+    with torch.no_grad():
+        same = {name: torch.equal(guarded(x), m(x)) for name, m in (("search", search), ("plain", plain))}
+    assert same[expected], (budget, ms, z, summary.get("compare_plain"))
+    assert summary["compare_plain"]["shipped"] == expected
+
+
+def test_compare_plain_needs_a_priced_run_with_data(digits, trained_wide):
+    """Without data (no calibration split) or unpriced (--no-priced), the searched k's ship as the paper's ALDS,
+    unchecked; with both, the report says what was compared and why one shipped."""
+    _, result = priced(ALDSConfig(latency_keep=0.6, seeds=4, rounds=2), MacPrices())
+    assert "compare_plain" not in result.summary and any(r["groups"] and r["groups"] > 1 for r in result.layers)
+    example = torch.randn(1, 1, 8, 8)
+    unpriced = run_alds(copy.deepcopy(trained_wide), ALDSConfig(keep=0.3, priced=False, seeds=4, rounds=2),
+                        Context(example, splits=digits, seed=0))
+    assert "compare_plain" not in unpriced.summary
+    checked = run_alds(copy.deepcopy(trained_wide), ALDSConfig(keep=0.3, seeds=4, rounds=2),
+                       Context(example, splits=digits, seed=0), prices=MacPrices(grouped=1.5), outside_ms=0.0)
+    figures = checked.summary["compare_plain"]
+    assert set(figures["calibration_loss"]) == {"search", "plain"} and figures["shipped"] in figures["why"]

@@ -32,9 +32,11 @@ from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig, latency_keep
 from compress.errors import UsageError
 from compress.measure import count_macs
 from compress.methods import pricing
-from compress.methods.base import KEEP_TOLERANCE, AuditOutcome, Context, Result, register
+from compress.methods.base import KEEP_TOLERANCE, AuditOutcome, Context, ReportSection, Result, register
+from compress.methods.oracle import Oracle
 from compress.methods.pricing import Prices
 from compress.models.transforms import register_transform
+from compress.tasks import CLASSIFICATION
 
 FIXED_K_SEEDS = (3, 5, 7, 9)    # the first seeds of the k search: per layer, the divisor of c nearest to these
 GRAM_FINE_LIMIT = 1 << 24       # elements of the finest-level Gram stack reused for coarser k (else per k)
@@ -934,17 +936,29 @@ def _aimed(model: nn.Module, candidates: list[Candidate], budget: Any, calibrati
     return dataclasses.replace(budget, aim=max(calibration.predicted(budget.requested), predicted))
 
 
-def _final(model: nn.Module, prep: Prepared, ks: list[int],
-           level_curves: Callable[[list[Factors]], list[Curve]] | None, split_ties: bool,
-           ctx: Context) -> tuple[Allocation, list[Factors], list[Curve]]:
-    """float64 factors for the chosen k's, the exact ALDS curves, and the allocation (by `level_curves` if given);
-    a latency budget on a real backend is then landed on the measured latency (`_landed`)."""
-    factors = []
+FactorCache = dict[tuple[int, int], Factors]  # (candidate index, k) -> its exact factors
+Decomposition = tuple[Allocation, list[Factors], list[Curve]]  # an allocation and the factors it cuts
+
+
+def _exact(prep: Prepared, ks: list[int], ctx: Context, cache: FactorCache | None = None,
+           ) -> tuple[list[Factors], list[Curve]]:
+    """float64 factors for the given k's (from `cache` where already computed) and their exact ALDS curves."""
+    cache = {} if cache is None else cache
     for index, (cand, k) in enumerate(zip(prep.candidates, ks)):
-        factors.append(exact_factors(cand.module.weight, k))
+        if (index, k) not in cache:
+            cache[index, k] = exact_factors(cand.module.weight, k)
         if ctx.progress:
             ctx.progress("decompose: spectra", index + 1, len(prep.candidates))
-    curves = [error_curve(fac.k, fac.sigma, fac.norm) for fac in factors]
+    factors = [cache[index, k] for index, k in enumerate(ks)]
+    return factors, [error_curve(fac.k, fac.sigma, fac.norm) for fac in factors]
+
+
+def _final(model: nn.Module, prep: Prepared, ks: list[int],
+           level_curves: Callable[[list[Factors]], list[Curve]] | None, split_ties: bool,
+           ctx: Context, cache: FactorCache | None = None) -> Decomposition:
+    """float64 factors for the chosen k's, the exact ALDS curves, and the allocation (by `level_curves` if given);
+    a latency budget on a real backend is then landed on the measured latency (`_landed`)."""
+    factors, curves = _exact(prep, ks, ctx, cache)
     levels = level_curves(factors) if level_curves else curves
 
     def allocate_at(budget: Budget) -> Allocation:
@@ -1043,12 +1057,97 @@ def run_alds(model: nn.Module, cfg: ALDSConfig, ctx: Context, prices: Prices | N
     prep = _prepare(model, cfg, ctx, cfg.groups, prices, outside_ms)
     search = KSearch(prep.candidates, prep.budget, ctx.progress, prep.also)
     best, log = search.run(cfg.seeds, cfg.rounds, ctx.seed)
-    allocation, factors, curves = _final(model, prep, best.ks, None, False, ctx)
-    return _finish("alds", model, prep, allocation, factors, curves,
-                   {"search": dict(log, seeds_tried=cfg.seeds, rounds=cfg.rounds, search_eps=best.eps_star)})
+    extra: dict[str, Any] = {"search": dict(log, seeds_tried=cfg.seeds, rounds=cfg.rounds,
+                                            search_eps=best.eps_star)}
+    cache: FactorCache = {}
+    compare = cfg.compare_plain and prep.budget.priced and ctx.splits is not None and any(k > 1 for k in best.ks)
+    plain_prep = dataclasses.replace(prep, calibration=copy.deepcopy(prep.calibration)) if compare else prep
+    final = _final(model, prep, best.ks, None, False, ctx, cache)
+    if compare:
+        try:
+            plain = _final(model, plain_prep, [1] * len(prep.candidates), None, False, ctx, cache)
+        except UsageError as err:
+            extra["compare_plain"] = {"shipped": "search", "why": f"plain low rank cannot meet the budgets: {err}"}
+        else:
+            shipped, extra["compare_plain"] = _compare_plain(model, {"search": (prep, final),
+                                                                     "plain": (plain_prep, plain)}, ctx)
+            if shipped == "plain":
+                prep, final = plain_prep, plain
+    return _finish("alds", model, prep, *final, extra)
 
 
-@register("alds", ALDSConfig, audit=audit, layer_kind="lowrank")
+PLAIN_Z = 2.0        # paired standard errors by which one allocation's calibration loss must beat the other's
+PLAIN_TIE = 0.05     # predicted latencies this close are a tie (table noise), and the search (the paper's) is incumbent
+PLAIN_ITEMS = 512    # calibration items both allocations are evaluated on
+
+def _compare_plain(model: nn.Module, finals: dict[str, tuple[Prepared, Decomposition]], ctx: Context,
+                   ) -> tuple[str, dict[str, Any]]:
+    """Which of the searched k's and plain low rank (k = 1 everywhere), each allocated (and landed) under the run's
+    budgets, ships: each is built and evaluated as shipped on the calibration split, and the one predicted faster
+    ships unless the other's loss is lower on some task by more than PLAIN_Z paired standard errors and higher
+    beyond them on none."""
+    assert ctx.splits is not None
+    split = ctx.splits.calibration.subset(PLAIN_ITEMS)
+    oracle = Oracle(split.x, split.y, tuple(ctx.tasks) if ctx.tasks else (CLASSIFICATION,),
+                    as_shipped=ctx.finalize is not None)
+    predicted, items = {}, {}
+    for name, (prep, (allocation, factors, curves)) in finals.items():
+        trial = copy.deepcopy(model).eval()
+        decompose(trial, prep.candidates, factors, allocation, curves, prep.budget)
+        predicted[name] = allocation.cost / prep.budget.total
+        items[name] = oracle.probe_items(trial)
+    shipped, incumbent, z = choose_plain_or_search(predicted, items)
+    other = "search" if incumbent == "plain" else "plain"
+    why = (f"{other}'s calibration loss is lower beyond {PLAIN_Z:g} paired standard errors" if shipped == other else
+           f"{incumbent} is predicted {'faster' if incumbent == 'plain' else 'no slower'} and {other}'s calibration "
+           f"loss is not lower beyond {PLAIN_Z:g} paired standard errors on a task without being higher on another")
+    return shipped, {"items": len(split.y), "predicted_latency": predicted, "incumbent": incumbent,
+                     "shipped": shipped, "why": why, "paired_z": dict(zip(oracle.names, map(float, z))),
+                     "calibration_loss": {name: dict(zip(oracle.names, map(float, loss.mean(axis=1))))
+                                          for name, loss in items.items()}}
+
+
+def choose_plain_or_search(predicted: dict[str, float], items: dict[str, np.ndarray]) -> tuple[str, str, np.ndarray]:
+    """(shipped, incumbent, z): the incumbent is "plain" when predicted faster by more than PLAIN_TIE, else
+    "search"; the other ships when its item losses (tasks x items) are lower than the incumbent's by more than
+    PLAIN_Z paired standard errors on some task and higher beyond them on none. z < 0: the other's loss is lower."""
+    incumbent = "plain" if predicted["plain"] < predicted["search"] * (1 - PLAIN_TIE) else "search"
+    other = "search" if incumbent == "plain" else "plain"
+    z = paired_z(items[other], items[incumbent])
+    switch = bool((z < -PLAIN_Z).any() and not (z > PLAIN_Z).any())
+    return (other if switch else incumbent), incumbent, z
+
+
+def paired_z(losses: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per task (rows), the mean paired difference of item losses over its standard error (0 where both agree)."""
+    diff = losses - reference
+    n = diff.shape[1]
+    if n < 2:
+        return np.zeros(diff.shape[0])
+    se = diff.std(axis=1, ddof=1) / math.sqrt(n)
+    mean = diff.mean(axis=1)
+    z = np.where(mean > 0, np.inf, np.where(mean < 0, -np.inf, 0.0))  # every item differs alike: no noise
+    return np.divide(mean, se, out=z, where=se > 0)
+
+
+def report_sections(report: dict[str, Any]) -> list[ReportSection]:
+    """The searched k's against plain low rank, when priced ALDS compared them on calibration data."""
+    figures = (report.get("summary") or {}).get("compare_plain")
+    if not figures or "calibration_loss" not in figures:
+        return []
+    tasks = list(figures["calibration_loss"]["search"])
+    rows = [(name, f"{figures['predicted_latency'][name]:.3f}",
+             *(f"{figures['calibration_loss'][name][t]:.4g}" for t in tasks),
+             "shipped" if name == figures["shipped"] else "") for name in ("search", "plain")]
+    z = ", ".join(f"{t} {v:+.2f}" for t, v in figures["paired_z"].items())
+    return [ReportSection("Searched k against plain low rank", ("allocation", "predicted latency",
+                                                                  *(f"{t} loss" for t in tasks), ""), rows,
+                          f"Both under the run's budgets, evaluated as shipped on {figures['items']} calibration "
+                          f"items; paired z of the other against the incumbent ({figures['incumbent']}): {z}. "
+                          f"{figures['why'][0].upper()}{figures['why'][1:]}.")]
+
+
+@register("alds", ALDSConfig, audit=audit, layer_kind="lowrank", report_sections=report_sections)
 def apply(model: nn.Module, cfg: ALDSConfig, ctx: Context) -> Result:
     """Decompose `model` in place: k per layer by the seeded search, then ranks at the common error level eps*."""
     return run_alds(model, cfg, ctx)

@@ -20,8 +20,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +45,10 @@ from compress.methods.channels import (
     saliency,
     select,
 )
+from compress.methods.oracle import Oracle
 from compress.methods.pricing import Meter
 from compress.tasks import CLASSIFICATION, Tasks
 
-EVAL_BATCH = 256
-BN_ITEMS = 256        # calibration items each probe re-estimates BatchNorm statistics on
 RTOL = 1e-6           # float noise allowed on top of a bound (losses are float32 means)
 Progress = Callable[[str, int, int], None] | None
 
@@ -123,71 +121,6 @@ def make_bound(cfg: PAGCPConfig, tasks: Tasks, tau: float | None = None) -> Boun
 def loss_ratios(names: list[str], losses: np.ndarray, reference: np.ndarray) -> dict[str, float | None]:
     """losses / reference per task (None where the reference loss is 0)."""
     return {n: float(a / b) if b > 0 else None for n, a, b in zip(names, losses, reference)}
-
-
-# ------------------------------------------------------------------------------------------------- oracle
-
-
-@contextmanager
-def _fresh_batchnorm(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
-    """BatchNorm statistics re-estimated on `x` (as the run does before shipping), then put back."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
-             for m in norms]
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for norm in norms:
-                norm.reset_running_stats()
-                norm.momentum = None
-            model.train()
-            for start in range(0, len(x), EVAL_BATCH):
-                model(x[start:start + EVAL_BATCH].to(device))
-            model.eval()
-        yield
-    finally:
-        with torch.no_grad():
-            for norm, (mean, var, count, momentum) in zip(norms, saved):
-                norm.running_mean.copy_(mean)
-                norm.running_var.copy_(var)
-                norm.num_batches_tracked.copy_(count)
-                norm.momentum = momentum
-        model.eval()
-
-
-class Oracle:
-    """Per-task mean losses of a model on a fixed calibration subset; with `as_shipped`, probes re-estimate
-    BatchNorm statistics on the subset's first BN_ITEMS items first (and put them back afterwards)."""
-
-    def __init__(self, x: torch.Tensor, y: Any, tasks: Tasks, *, as_shipped: bool = False) -> None:
-        self.x, self.y, self.tasks, self.as_shipped = x, y, tasks, as_shipped
-        self.evaluations = 0
-
-    @property
-    def names(self) -> list[str]:
-        return [t.name for t in self.tasks]
-
-    def probe(self, model: nn.Module) -> np.ndarray:
-        """Losses of a probe as it would ship."""
-        if not self.as_shipped:
-            return self.losses(model)
-        with _fresh_batchnorm(model, self.x[:BN_ITEMS]):
-            return self.losses(model)
-
-    @torch.inference_mode()
-    def losses(self, model: nn.Module) -> np.ndarray:
-        """Losses of `model` as it is."""
-        self.evaluations += 1
-        model.eval()
-        device = next(model.parameters()).device
-        totals = np.zeros(len(self.tasks))
-        for start in range(0, len(self.y), EVAL_BATCH):
-            x = self.x[start:start + EVAL_BATCH].to(device)
-            y = self.y[start:start + EVAL_BATCH].to(device)
-            out = model(x)
-            for i, task in enumerate(self.tasks):
-                totals[i] += float(task.item_losses(task.pick_output(out), task.pick_target(y)).sum())
-        return totals / max(len(self.y), 1)
 
 
 # ------------------------------------------------------------------------------------------------- search
