@@ -264,7 +264,8 @@ class ALDSConfig(ConfigBase):
     `backend` at `latency_batch`, each layer's choices priced there (ranks in steps of `rank_step`, a layer kept
     dense unless it saves `dense_margin` of its time); with two budgets the first to bind wins. `priced` (the
     default) prices the choices even without `latency_keep`, whose budget is then the original's latency (never
-    slower); `priced = False` is the paper's allocation by weights alone. The seeded k search uses the run's seed.
+    slower); `priced = False` is the paper's allocation by weights alone. The seeded k search uses the run's seed;
+    priced and given data, its k's are weighed against plain low rank on calibration losses (`compare_plain`).
     """
 
     cli_panel: ClassVar[str] = "ALDS / SVD"
