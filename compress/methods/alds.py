@@ -1080,6 +1080,7 @@ PLAIN_Z = 2.0        # paired standard errors by which one allocation's calibrat
 PLAIN_TIE = 0.05     # predicted latencies this close are a tie (table noise), and the search (the paper's) is incumbent
 PLAIN_ITEMS = 512    # calibration items both allocations are evaluated on
 
+
 def _compare_plain(model: nn.Module, finals: dict[str, tuple[Prepared, Decomposition]], ctx: Context,
                    ) -> tuple[str, dict[str, Any]]:
     """Which of the searched k's and plain low rank (k = 1 everywhere), each allocated (and landed) under the run's

@@ -59,7 +59,7 @@ class Oracle:
 
     def probe(self, model: nn.Module) -> np.ndarray:
         """Mean losses per task of a probe as it would ship."""
-        return self.probe_items(model).mean(axis=1) if len(self.y) else np.zeros(len(self.tasks))
+        return _means(self.probe_items(model))
 
     def probe_items(self, model: nn.Module) -> np.ndarray:
         """Every item's loss per task (tasks x items) of a probe as it would ship."""
@@ -70,7 +70,7 @@ class Oracle:
 
     def losses(self, model: nn.Module) -> np.ndarray:
         """Mean losses per task of `model` as it is."""
-        return self.item_losses(model).mean(axis=1) if len(self.y) else np.zeros(len(self.tasks))
+        return _means(self.item_losses(model))
 
     @torch.inference_mode()
     def item_losses(self, model: nn.Module) -> np.ndarray:
@@ -87,3 +87,8 @@ class Oracle:
                 loss = task.item_losses(task.pick_output(out), task.pick_target(y))
                 parts[i].append(loss.detach().to("cpu", torch.float64).numpy())
         return np.stack([np.concatenate(p) if p else np.zeros(0) for p in parts])
+
+
+def _means(items: np.ndarray) -> np.ndarray:
+    """Per task (rows), the mean item loss; 0 for an empty subset."""
+    return items.mean(axis=1) if items.shape[1] else np.zeros(items.shape[0])
