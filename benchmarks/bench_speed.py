@@ -664,7 +664,7 @@ def goal_pagcp(payload: dict) -> list[str]:
         all_ok &= ok
         audit_note = " (audit failed: target missed)" if row["status"] == "audit failed" else ""
         lines.append(f"  - {row['model']}, {row['label']}: {ort['speedup']:.2f}x for a MACs ratio of "
-                     f"{1 / row['macs_kept']:.2f}x = {share:.2f} of it{audit_note}: {verdict(ok)}"
+                     f"{1 / row['macs_kept']:.2f}x = {share:.3f} of it{audit_note}: {verdict(ok)}"
                      + attainable_note(payload, row))
     return [(f"- **PAGCP at its target**: ORT b1 speed-up at least {PAGCP_GOAL} of its MACs ratio: "
             f"{verdict(all_ok and bool(lines))}"), *lines]
