@@ -1141,7 +1141,7 @@ def report_sections(report: dict[str, Any]) -> list[ReportSection]:
              *(f"{figures['calibration_loss'][name][t]:.4g}" for t in tasks),
              "shipped" if name == figures["shipped"] else "") for name in ("search", "plain")]
     z = ", ".join(f"{t} {v:+.2f}" for t, v in figures["paired_z"].items())
-    return [ReportSection("Searched k against plain low rank", ("allocation", "predicted latency",
+    return [ReportSection("Searched k against plain low rank", ("allocation", "predicted latency / original",
                                                                   *(f"{t} loss" for t in tasks), ""), rows,
                           f"Both under the run's budgets, evaluated as shipped on {figures['items']} calibration "
                           f"items; paired z of the other against the incumbent ({figures['incumbent']}): {z}. "
