@@ -723,9 +723,11 @@ def gpu_lines(payload: dict) -> list[str]:
 
 def shipped_allocations(payload: dict) -> list[str]:
     """Per priced, searching ALDS row: whether a decomposed layer is grouped (the search's k's) or none is."""
+    compared = {s.key for s in settings() if isinstance(s.config, ALDSConfig) and s.config.priced
+                and s.config.compare_plain and s.config.groups != (1,)}
     out = []
     for row in payload["rows"]:
-        if row.get("method") != "alds" or row["setting"] in ("alds-keep0.5",) or row["setting"].endswith("-k1"):
+        if row["setting"] not in compared:
             continue
         ks = [t["groups"] for t in row.get("transforms") or [] if "groups" in t]
         if ks:
