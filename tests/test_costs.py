@@ -20,6 +20,7 @@ from compress.measure.costs import (
     rank_grid,
     rest_ms,
     sites_of,
+    streamed_bytes,
 )
 from compress.measure.latency import interleaved_rounds
 
@@ -94,7 +95,8 @@ def test_lowrank_prices_one_finite_positive_value_per_rank_and_exact_on_the_grid
 def test_lowrank_times_only_the_grid_points_around_the_ranks_asked_for(tmp_path: Path) -> None:
     model = costs(tmp_path)
     model.lowrank_ms(conv_site(16, 32), 1, [12])
-    assert model.timed == 1 + 2 * 2 + 1  # the dense layer, encoder and decoder at ranks 8 and 16, the call cost
+    # the dense layer, encoder and decoder at ranks 8 and 16, the call cost and the weight-streaming probe
+    assert model.timed == 1 + 2 * 2 + 1 + 1
 
 
 def test_lowrank_of_linear_layers_plain_and_grouped(tmp_path: Path) -> None:
@@ -177,6 +179,32 @@ def test_interleaved_rounds_gives_one_series_per_callable() -> None:
     series = interleaved_rounds([lambda: calls.append("a"), lambda: calls.append("b")], runs=4, warmup=1)
     assert [len(s) for s in series] == [4, 4]
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then the order flips each round
+
+
+@pytest.mark.parametrize("size, kernel, stride", [(1, 3, 1), (8, 3, 1), (2, 3, 2), (5, 5, 2), (4, 1, 1)])
+def test_streamed_bytes_are_the_weights_whose_taps_meet_the_input(size: int, kernel: int, stride: int) -> None:
+    """Checked against autograd: a weight reaches the output iff its gradient on an all-ones input is non-zero."""
+    site = conv_site(6, 4, size, kernel=kernel, stride=stride)
+    conv = nn.Conv2d(6, 4, kernel, stride, kernel // 2, bias=False)
+    conv(torch.ones(1, 6, size, size)).sum().backward()
+    assert streamed_bytes(site) == 4 * int((conv.weight.grad != 0).sum())
+    assert streamed_bytes(linear_site(32, 10)) == 4 * 32 * 10
+
+
+def test_a_price_is_at_least_the_time_its_weights_take_to_stream_in(tmp_path: Path) -> None:
+    """A 4 MiB 1x1 layer on a 1x1 input computes next to nothing; inside a model its weights arrive from memory
+    every call, at the rate the table's probe measured (once, cached with the table)."""
+    from compress.measure.costs import STREAM_KEY
+
+    site = conv_site(1024, 1024, 1, kernel=1)
+    model = costs(tmp_path)
+    price = model.site_ms(site)
+    rate = model.entries[STREAM_KEY]
+    assert rate > 0 and price >= streamed_bytes(site) * rate
+    small = conv_site(8, 8, 1, kernel=1)
+    assert model.site_ms(small) >= streamed_bytes(small) * rate
+    again = costs(tmp_path)
+    assert again.site_ms(site) == price and again.timed == 0
 
 
 def test_predicted_latency_of_the_builtin_classifier_and_its_decomposition(tmp_path: Path) -> None:

@@ -21,10 +21,11 @@ equal layers share one. A second `CostModel` with the same key times nothing; a 
 rewritten.
 
 A whole model's latency is predicted as the part outside its Conv2d/Linear layers (`rest_ms`, measured once on the
-original model) plus the sum of its layers' prices (`predict_ms`). Prices are warm-cache times: a model whose
-weights outgrow the last-level cache (resnet18: 43 MB) runs its large layers slower than their price; `rest_ms`
-absorbs that for the original, but holds it constant, so a compressed model that fits the cache again is
-predicted too slow.
+original model) plus the sum of its layers' prices (`predict_ms`). A one-layer graph keeps its weights in the
+core's caches from call to call; inside a model they arrive from memory every call, so no layer is priced below
+its weights' bytes (`streamed_bytes`) at the rate a chain of distinct weight-heavy layers reads them on this
+machine (timed once per table). Without that floor, mobilenet_v2's last 1x1 layers ran 3-4x their price and
+`rest_ms` absorbed the difference, so decomposing them looked like it saved almost nothing.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ RANK_COARSE_STEP = 128
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 CALL_KEY = "call|session"  # the cache entry of the cost of calling a one-layer graph, beyond its layer
 MIN_SHARE = 0.1  # a layer is never priced below this share of its timed one-layer graph
+WEIGHT_BYTES = 4  # float32
+STREAM_KEY = "stream|ms_per_byte"  # the cache entry of what reading a byte of weights costs inside a model
+STREAM_LAYERS, STREAM_WIDTH = 16, 512  # the probe: 16 distinct 512x512 1x1 convolutions (16 MiB) in one graph
 
 
 # ------------------------------------------------------------------------------------------------- sites
@@ -428,6 +432,42 @@ def _trivial_graph(workdir: Path) -> Path:
     return path
 
 
+def _stream_graph(workdir: Path, rng: np.random.Generator) -> Path:
+    """STREAM_LAYERS distinct STREAM_WIDTH-channel 1x1 convolutions in a row on a 1x1 input: weights read, little
+    computed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    width, nodes, inits = STREAM_WIDTH, [], []
+    for index in range(STREAM_LAYERS):
+        weight = f"W{index}"
+        inits.append(numpy_helper.from_array(_random((width, width, 1, 1), rng) / width, weight))
+        source = export.INPUT if index == 0 else f"h{index - 1}"
+        target = export.OUTPUT if index == STREAM_LAYERS - 1 else f"h{index}"
+        nodes.append(helper.make_node("Conv", [source, weight], [target], kernel_shape=[1, 1]))
+    graph = helper.make_graph(nodes, "stream",
+                              [helper.make_tensor_value_info(export.INPUT, TensorProto.FLOAT, ["batch", width, 1, 1])],
+                              [helper.make_tensor_value_info(export.OUTPUT, TensorProto.FLOAT, None)],
+                              initializer=inits)
+    path = workdir / "stream.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION),
+              str(path))
+    return path
+
+
+def streamed_bytes(site: LayerSite) -> int:
+    """The weight bytes a layer reads per call: every weight whose kernel tap meets the input somewhere (a 3x3
+    kernel on a 1x1 input, padded, reads its centre tap only)."""
+    per_tap = site.out_ch * (site.in_ch // site.groups)
+    if site.op != "conv2d":
+        return per_tap * WEIGHT_BYTES
+    taps = 1
+    for size, k, step, pad, dil in zip(site.input_shape[1:], site.kernel, site.stride, site.padding, site.dilation):
+        outputs = range((size + 2 * pad - dil * (k - 1) - 1) // step + 1)
+        taps *= sum(any(0 <= o * step - pad + t * dil < size for o in outputs) for t in range(k))
+    return per_tap * taps * WEIGHT_BYTES
+
+
 def _bound_call(session: Any, batch: int, rng: np.random.Generator) -> Callable[[], object]:
     """A call running `session` on a random input of its shape at `batch`, with inputs and outputs bound.
 
@@ -582,9 +622,33 @@ class CostModel:
     # ---- timing
 
     def _price(self, site: LayerSite) -> float:
-        """A cached price less the cost of calling a one-layer graph, in milliseconds."""
+        """A cached price less the cost of calling a one-layer graph, and at least the time its weights take to
+        stream in from beyond the core's caches, in milliseconds."""
         raw = self.entries[site.shape_key]
-        return max(raw - self._call_ms(), MIN_SHARE * raw)
+        return max(raw - self._call_ms(), MIN_SHARE * raw, streamed_bytes(site) * self._stream_ms_per_byte())
+
+    def _stream_ms_per_byte(self) -> float:
+        """What a byte of weights costs a layer inside a model, read once per call (0 off ONNX Runtime).
+
+        A layer timed alone keeps its weights in the core's caches from call to call; inside a model each layer's
+        weights arrive from memory every call, so a layer that does little with many weights (mobilenet_v2's last
+        1x1 layers at 1x1 spatial) ran 3-4x its one-layer price (ORT profile). Timed once per table as a chain of
+        STREAM_LAYERS distinct 1x1 convolutions with next to no compute, whose weights cannot all stay close.
+        """
+        if self.backend != ONNXRUNTIME_CPU:
+            return 0.0
+        if STREAM_KEY not in self.entries:
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="compress-costs-") as tmp:
+                call = _bound_call(export.ort_session(_stream_graph(Path(tmp), self._rng), threads=self.threads),
+                                   self.batch, self._rng)
+                series = interleaved_rounds([call], runs=self.runs, warmup=self.warmup)
+            chain_ms = max(0.0, 1e3 * statistics.median(series[0]) - self._call_ms())
+            self.entries[STREAM_KEY] = chain_ms / (STREAM_LAYERS * STREAM_WIDTH ** 2 * WEIGHT_BYTES)
+            self.timed += 1
+            self.seconds_timing += time.perf_counter() - start
+            self.save()
+        return self.entries[STREAM_KEY]
 
     def _call_ms(self) -> float:
         """What calling a one-layer ORT graph costs beyond its layer (0 on PyTorch), timed once per table.
