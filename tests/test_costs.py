@@ -95,8 +95,8 @@ def test_lowrank_prices_one_finite_positive_value_per_rank_and_exact_on_the_grid
 def test_lowrank_times_only_the_grid_points_around_the_ranks_asked_for(tmp_path: Path) -> None:
     model = costs(tmp_path)
     model.lowrank_ms(conv_site(16, 32), 1, [12])
-    # the dense layer, encoder and decoder at ranks 8 and 16, the call cost and the weight-streaming probe
-    assert model.timed == 1 + 2 * 2 + 1 + 1
+    # the dense layer, encoder and decoder at ranks 8 and 16, and the call cost (a layer this small streams nothing)
+    assert model.timed == 1 + 2 * 2 + 1
 
 
 def test_lowrank_of_linear_layers_plain_and_grouped(tmp_path: Path) -> None:
@@ -194,17 +194,40 @@ def test_streamed_bytes_are_the_weights_whose_taps_meet_the_input(size: int, ker
 def test_a_price_is_at_least_the_time_its_weights_take_to_stream_in(tmp_path: Path) -> None:
     """A 4 MiB 1x1 layer on a 1x1 input computes next to nothing; inside a model its weights arrive from memory
     every call, at the rate the table's probe measured (once, cached with the table)."""
+    from dataclasses import replace
+
     from compress.measure.costs import STREAM_KEY
 
-    site = conv_site(1024, 1024, 1, kernel=1)
+    site = replace(conv_site(1024, 1024, 1, kernel=1), streams=True)
     model = costs(tmp_path)
     price = model.site_ms(site)
     rate = model.entries[STREAM_KEY]
     assert rate > 0 and price >= streamed_bytes(site) * rate
-    small = conv_site(8, 8, 1, kernel=1)
+    small = replace(conv_site(8, 8, 1, kernel=1), streams=True)
     assert model.site_ms(small) >= streamed_bytes(small) * rate
     again = costs(tmp_path)
     assert again.site_ms(site) == price and again.timed == 0
+    # the same layer in a model that fits the core's cache keeps its one-layer price: shared entry, no floor
+    assert again.site_ms(replace(site, streams=False)) <= price
+
+
+def test_only_a_model_whose_weights_outgrow_a_cores_cache_streams_them() -> None:
+    """The line is one core's level-2 cache, read here from sysfs independently of the code."""
+    from compress.measure.costs import core_cache_bytes
+
+    cache = Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
+    if cache.is_file():
+        text = cache.read_text().strip()
+        assert core_cache_bytes() == int(text[:-1]) * {"K": 1024, "M": 1024 ** 2}[text[-1]]
+    line = core_cache_bytes() // 4  # float32 weights
+    x = torch.zeros(1, 16)
+    fits = nn.Sequential(nn.Linear(16, line // 16 - 1))
+    outgrows = nn.Sequential(nn.Linear(16, line // 16 + 16))
+    assert not any(site.streams for site in sites_of(fits, x).values())
+    assert all(site.streams for site in sites_of(outgrows, x).values())
+    site = next(iter(sites_of(outgrows, x).values()))
+    assert site.shape_key == next(iter(sites_of(fits, x).values())).shape_key.replace(
+        f">{line // 16 - 1}|", f">{line // 16 + 16}|")  # the mark is not part of the cached shape
 
 
 def test_predicted_latency_of_the_builtin_classifier_and_its_decomposition(tmp_path: Path) -> None:

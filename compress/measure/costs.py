@@ -22,9 +22,11 @@ rewritten.
 
 A whole model's latency is predicted as the part outside its Conv2d/Linear layers (`rest_ms`, measured once on the
 original model) plus the sum of its layers' prices (`predict_ms`). A one-layer graph keeps its weights in the
-core's caches from call to call; inside a model they arrive from memory every call, so no layer is priced below
-its weights' bytes (`streamed_bytes`) at the rate a chain of distinct weight-heavy layers reads them on this
-machine (timed once per table). Without that floor, mobilenet_v2's last 1x1 layers ran 3-4x their price and
+core's caches from call to call; inside a model whose weights outgrow a core's level-2 cache (`sites_of` marks
+its sites `streams`) they arrive from memory every call, so no such layer is priced below its weights' bytes
+(`streamed_bytes`) at the rate a chain of distinct weight-heavy layers reads them on this machine (timed once per
+table); a model that fits (the built-in classifier: 1.2 MB) keeps its weights close and its one-layer prices.
+Without that floor, mobilenet_v2's last 1x1 layers ran 3-4x their price and
 `rest_ms` absorbed the difference, so decomposing them looked like it saved almost nothing.
 """
 
@@ -66,6 +68,7 @@ CALL_KEY = "call|session"  # the cache entry of the cost of calling a one-layer 
 MIN_SHARE = 0.1  # a layer is never priced below this share of its timed one-layer graph
 WEIGHT_BYTES = 4  # float32
 STREAM_KEY = "stream|ms_per_byte"  # the cache entry of what reading a byte of weights costs inside a model
+DEFAULT_CORE_CACHE = 2 ** 20  # bytes of level-2 cache per core assumed where sysfs does not say
 STREAM_LAYERS, STREAM_WIDTH = 16, 512  # the probe: 16 distinct 512x512 1x1 convolutions (16 MiB) in one graph
 
 
@@ -78,7 +81,7 @@ class LayerSite:
 
     `input_shape` excludes the batch: (C, H, W) for conv2d, (..., C) for linear. A grouped linear layer (ALDS's
     encoder) is op "linear" with `groups` > 1; a linear layer has kernel, stride and dilation (1, 1), padding
-    (0, 0).
+    (0, 0). `streams` marks a layer of a model whose weights outgrow a core's level-2 cache (see `sites_of`).
     """
 
     name: str
@@ -92,6 +95,7 @@ class LayerSite:
     groups: int
     bias: bool
     input_shape: tuple[int, ...]
+    streams: bool = False  # not part of the shape key: the same layer in either model shares one timing
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -156,7 +160,8 @@ def sites_of(model: nn.Module, example: torch.Tensor) -> dict[str, LayerSite]:
 
     One forward pass on `example[:1]` in eval mode with forward hooks records each layer's input; the model's
     training mode is restored afterwards. Layers that the forward pass does not reach are left out. The keys are
-    the modules' qualified names, in the order the forward pass calls them.
+    the modules' qualified names, in the order the forward pass calls them. Every site is marked `streams` when the
+    weights the layers read (`streamed_bytes`) add up to more than one core's level-2 cache.
     """
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
@@ -175,7 +180,22 @@ def sites_of(model: nn.Module, example: torch.Tensor) -> dict[str, LayerSite]:
             handle.remove()
         model.train(was_training)
     modules = dict(model.named_modules())
-    return {name: site_of(name, modules[name], shape) for name, shape in shapes.items()}
+    sites = {name: site_of(name, modules[name], shape) for name, shape in shapes.items()}
+    streams = sum(streamed_bytes(site) for site in sites.values()) > core_cache_bytes()
+    return {name: replace(site, streams=streams) for name, site in sites.items()}
+
+
+def core_cache_bytes() -> int:
+    """The size of one core's level-2 cache (Linux sysfs; DEFAULT_CORE_CACHE where it cannot be read)."""
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip().upper()
+                units = {"K": 2 ** 10, "M": 2 ** 20}
+                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        except (OSError, ValueError):
+            break
+    return DEFAULT_CORE_CACHE
 
 
 # ------------------------------------------------------------------------------------------------- key and cache
@@ -237,7 +257,7 @@ def _encoder_decoder(site: LayerSite, k: int, rank: int) -> tuple[LayerSite, Lay
         encoder = replace(site, name=f"{site.name}.encoder", out_ch=width, groups=k, bias=False)
         out = site.output_shape
         decoder = LayerSite(f"{site.name}.decoder", "conv2d", width, site.out_ch, (1, 1), (1, 1), (0, 0), (1, 1),
-                            1, site.bias, (width, *out[1:]))
+                            1, site.bias, (width, *out[1:]), site.streams)
     else:
         encoder = replace(site, name=f"{site.name}.encoder", out_ch=width, groups=k, bias=False)
         decoder = replace(site, name=f"{site.name}.decoder", in_ch=width, groups=1,
@@ -622,10 +642,11 @@ class CostModel:
     # ---- timing
 
     def _price(self, site: LayerSite) -> float:
-        """A cached price less the cost of calling a one-layer graph, and at least the time its weights take to
-        stream in from beyond the core's caches, in milliseconds."""
+        """A cached price less the cost of calling a one-layer graph, and for a site of a model whose weights
+        outgrow the core's cache at least the time its weights take to stream in, in milliseconds."""
         raw = self.entries[site.shape_key]
-        return max(raw - self._call_ms(), MIN_SHARE * raw, streamed_bytes(site) * self._stream_ms_per_byte())
+        price = max(raw - self._call_ms(), MIN_SHARE * raw)
+        return max(price, streamed_bytes(site) * self._stream_ms_per_byte()) if site.streams else price
 
     def _stream_ms_per_byte(self) -> float:
         """What a byte of weights costs a layer inside a model, read once per call (0 off ONNX Runtime).
