@@ -32,6 +32,7 @@ Without that floor, mobilenet_v2's last 1x1 layers ran 3-4x their price and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -185,6 +186,7 @@ def sites_of(model: nn.Module, example: torch.Tensor) -> dict[str, LayerSite]:
     return {name: replace(site, streams=streams) for name, site in sites.items()}
 
 
+@functools.cache
 def core_cache_bytes() -> int:
     """The size of one core's level-2 cache (Linux sysfs; DEFAULT_CORE_CACHE where it cannot be read)."""
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
