@@ -352,8 +352,10 @@ def _optimized(source: Path, target: Path) -> Any:
     return onnx.load(str(target))
 
 
-def _probe_nchwc_block() -> int:
-    """Channels per NCHWc block: ORT pads a 1-channel conv's output to one block (1 when it keeps NCHW)."""
+@functools.cache
+def nchwc_block() -> int:
+    """Channels per ONNX Runtime NCHWc block on this CPU (16 with AVX-512, 8 with AVX2; 1 where it has no blocked
+    kernels), probed once per process: ORT pads a 1-channel conv's output to one block."""
     probe = LayerSite("probe", "conv2d", 1, 1, (1, 1), (1, 1), (0, 0), (1, 1), 1, False, (1, 4, 4))
     with tempfile.TemporaryDirectory(prefix="compress-costs-") as tmp:
         import onnx
@@ -567,7 +569,6 @@ class CostModel:
         self.hits = 0
         self.seconds_timing = 0.0
         self._rng = np.random.default_rng(0)
-        self._block: int | None = None
 
     # ---- public prices
 
@@ -661,16 +662,8 @@ class CostModel:
         if self.backend != ONNXRUNTIME_CPU:
             return 0.0
         if STREAM_KEY not in self.entries:
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="compress-costs-") as tmp:
-                call = _bound_call(export.ort_session(_stream_graph(Path(tmp), self._rng), threads=self.threads),
-                                   self.batch, self._rng)
-                series = interleaved_rounds([call], runs=self.runs, warmup=self.warmup)
-            chain_ms = max(0.0, 1e3 * statistics.median(series[0]) - self._call_ms())
-            self.entries[STREAM_KEY] = chain_ms / (STREAM_LAYERS * STREAM_WIDTH ** 2 * WEIGHT_BYTES)
-            self.timed += 1
-            self.seconds_timing += time.perf_counter() - start
-            self.save()
+            chain_ms = max(0.0, self._graph_ms(_stream_graph) - self._call_ms())
+            self._keep(STREAM_KEY, chain_ms / (STREAM_LAYERS * STREAM_WIDTH ** 2 * WEIGHT_BYTES))
         return self.entries[STREAM_KEY]
 
     def _call_ms(self) -> float:
@@ -683,16 +676,24 @@ class CostModel:
         if self.backend != ONNXRUNTIME_CPU:
             return 0.0
         if CALL_KEY not in self.entries:
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory(prefix="compress-costs-") as tmp:
-                call = _bound_call(export.ort_session(_trivial_graph(Path(tmp)), threads=self.threads), self.batch,
-                                   self._rng)
-                series = interleaved_rounds([call], runs=self.runs, warmup=self.warmup)
-            self.entries[CALL_KEY] = 1e3 * statistics.median(series[0])
-            self.timed += 1
-            self.seconds_timing += time.perf_counter() - start
-            self.save()
+            self._keep(CALL_KEY, self._graph_ms(lambda folder, _rng: _trivial_graph(folder)))
         return self.entries[CALL_KEY]
+
+    def _graph_ms(self, build: Callable[[Path, np.random.Generator], Path]) -> float:
+        """Median milliseconds of one whole ORT graph (written by `build` into a scratch folder), counted as timed."""
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="compress-costs-") as tmp:
+            call = _bound_call(export.ort_session(build(Path(tmp), self._rng), threads=self.threads), self.batch,
+                               self._rng)
+            series = interleaved_rounds([call], runs=self.runs, warmup=self.warmup)
+        self.timed += 1
+        self.seconds_timing += time.perf_counter() - start
+        return 1e3 * statistics.median(series[0])
+
+    def _keep(self, key: str, value: float) -> None:
+        """Store a probe's result in the table and write the table out."""
+        self.entries[key] = value
+        self.save()
 
     def _ensure(self, dense: LayerSite, variants: Sequence[LayerSite]) -> None:
         """Time whichever of `variants` are not cached, interleaved with `dense`; count the cached ones as hits."""
@@ -744,14 +745,8 @@ class CostModel:
         index = len(list(workdir.glob("*.plain.onnx")))
         plain = workdir / f"{index}.plain.onnx"
         onnx.save(_onnx_graph(site, self._rng), str(plain))
-        chained = _in_chain(plain, workdir / f"{index}.chain.onnx", site, self._nchwc_block())
+        chained = _in_chain(plain, workdir / f"{index}.chain.onnx", site, nchwc_block())
         return _bound_call(export.ort_session(chained, threads=self.threads), self.batch, self._rng)
-
-    def _nchwc_block(self) -> int:
-        """ONNX Runtime's NCHWc block size on this CPU (channels per block; 1 where it has no blocked kernels)."""
-        if self._block is None:
-            self._block = _probe_nchwc_block()
-        return self._block
 
     def _torch_call(self, site: LayerSite, device: torch.device) -> Callable[[], object]:
         """A call running the site as an nn.Module in eval mode on `device`."""
