@@ -38,9 +38,11 @@ from benchmarks.bench_speed import REPORTS, ROOT, WORK, Bench, load_bench_model
 from compress import export
 from compress.artifact import to_json, write_atomic
 from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig
+from compress.measure.backends import ONNXRUNTIME_CPU, LatencySettings
 from compress.measure.conditions import environment
 from compress.measure.costs import CACHE_ENV, nchwc_block, predict_ms
 from compress.measure.latency import interleaved_rounds
+from compress.measure.layer_times import BASELINE, CANDIDATE, measure_layer_times
 from compress.methods import METHODS
 from compress.methods.alds import LowRank
 
@@ -107,6 +109,29 @@ def parse_study(text: str) -> tuple[str, str, dict[str, float]]:
     return name, method, {field: float(value)}
 
 
+def runtime_nodes(model: nn.Module, x: torch.Tensor, folder: Path, name: str) -> int:
+    """Nodes of the graph ONNX Runtime runs for the model (after its own fusions and layout changes)."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / f"{name}.optimized.onnx")
+    options.log_severity_level = 3  # it warns that the saved graph is CPU-specific (NCHWc): that is what we count
+    ort.InferenceSession(str(export.export_onnx(model, x, folder / f"{name}.onnx")), options,
+                         providers=["CPUExecutionProvider"])
+    return len(onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def where_time_goes(odd: nn.Module, twin: nn.Module, bench: Bench, folder: Path) -> dict:
+    """ORT's profiler on both (interleaved): the layers' time and the time between nodes, with the node counts."""
+    settings = LatencySettings(backends=(ONNXRUNTIME_CPU,), batches=(1,), threads=1, runs=10, warmup=10)
+    tables = measure_layer_times(odd, twin, bench.inputs, bench.calibration, settings, folder / "profile", top=1000)
+    by_role = {table.model: table for table in tables}
+    return {role: {"profiled_total_ms": table.total_ms, "between_nodes_ms": table.unattributed.ms,
+                   "nodes": runtime_nodes(model, bench.example, folder, role)}
+            for role, table, model in (("odd", by_role[CANDIDATE], odd), ("padded", by_role[BASELINE], twin))}
+
+
 def study(name: str, method: str, setting: dict[str, float], runs: int) -> dict:
     """One model: the decomposition, its padded twin and each odd pair, measured and predicted."""
     original, splits, info = load_bench_model(name)
@@ -136,6 +161,7 @@ def study(name: str, method: str, setting: dict[str, float], runs: int) -> dict:
             rows.append({"pair": pair, "rank": module.encoder.out_channels, "in": module.encoder.in_channels,
                          "out": module.decoder.out_channels, "measured_ms": single - base,
                          "predicted_ms": predicted(one_odd[pair]) - predicted(twin)})
+        profile = where_time_goes(model, twin, bench, folder)
     pred = {key: predicted(m) for key, m in (("original", original), ("odd", model), ("padded", twin))}
     bench.costs.save()
     return {"model": name, "method": method, "setting": setting, "block": block, "runs": runs,
@@ -145,7 +171,7 @@ def study(name: str, method: str, setting: dict[str, float], runs: int) -> dict:
                          "padded_over_odd": padded_ms / odd_beside_padded},
             "predicted": {**{f"{k}_ms": v for k, v in pred.items()}, "odd_ratio": pred["odd"] / pred["original"],
                           "padded_over_odd": pred["padded"] / pred["odd"]},
-            "per_pair": rows}
+            "per_pair": rows, "profile": profile}
 
 
 def render(payload: dict) -> str:
@@ -173,6 +199,14 @@ def render(payload: dict) -> str:
         lines += [f"| {r['pair']} | {r['rank']} | {r['in']} -> {r['out']} | {r['measured_ms']:+.4f} | "
                   f"{r['predicted_ms']:+.4f} |" for r in study_["per_pair"]]
         total = sum(r["measured_ms"] for r in study_["per_pair"])
+        prof = study_["profile"]
+        lines += ["", ("ONNX Runtime's profiler (10 runs each, interleaved; it adds microseconds per node, so only the "
+                  "difference means much): "
+                  f"the decomposition runs {prof['odd']['nodes']} nodes against the padded twin's "
+                  f"{prof['padded']['nodes']}; the time between nodes (no node's event) is "
+                  f"{prof['odd']['between_nodes_ms']:.3f} ms against {prof['padded']['between_nodes_ms']:.3f} ms "
+                  f"of {prof['odd']['profiled_total_ms']:.3f} and {prof['padded']['profiled_total_ms']:.3f} ms "
+                  "profiled.")]
         lines += ["", (f"Sum over the pairs: measured {total:+.4f} ms, predicted "
                       f"{sum(r['predicted_ms'] for r in study_['per_pair']):+.4f} ms."), ""]
     env = payload["environment"]
