@@ -40,7 +40,7 @@ from compress.artifact import to_json, write_atomic
 from compress.config import ALDSConfig, SVDConfig, SVDEnergyConfig
 from compress.measure.backends import ONNXRUNTIME_CPU, LatencySettings
 from compress.measure.conditions import environment
-from compress.measure.costs import CACHE_ENV, nchwc_block, predict_ms
+from compress.measure.costs import CACHE_ENV, nchwc_block, predict_ms, runtime_graph
 from compress.measure.latency import interleaved_rounds
 from compress.measure.layer_times import BASELINE, CANDIDATE, measure_layer_times
 from compress.methods import METHODS
@@ -126,15 +126,8 @@ def parse_study(text: str) -> tuple[str, str, dict[str, float]]:
 
 def runtime_nodes(model: nn.Module, x: torch.Tensor, folder: Path, name: str) -> int:
     """Nodes of the graph ONNX Runtime runs for the model (after its own fusions and layout changes)."""
-    import onnx
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(folder / f"{name}.optimized.onnx")
-    options.log_severity_level = 3  # it warns that the saved graph is CPU-specific (NCHWc): that is what we count
-    ort.InferenceSession(str(export.export_onnx(model, x, folder / f"{name}.onnx")), options,
-                         providers=["CPUExecutionProvider"])
-    return len(onnx.load(options.optimized_model_filepath).graph.node)
+    source = export.export_onnx(model, x, folder / f"{name}.nodes.onnx")
+    return len(runtime_graph(source, folder / f"{name}.optimized.onnx").graph.node)
 
 
 def where_time_goes(odd: nn.Module, twin: nn.Module, bench: Bench, folder: Path) -> dict:

@@ -340,7 +340,7 @@ def _onnx_graph(site: LayerSite, rng: np.random.Generator) -> Any:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
-def _optimized(source: Path, target: Path) -> Any:
+def runtime_graph(source: Path, target: Path) -> Any:
     """The graph ONNX Runtime runs for `source` (all optimisations, NCHWc layout included), saved at `target`."""
     import onnx
     import onnxruntime as ort
@@ -361,7 +361,7 @@ def nchwc_block() -> int:
         import onnx
 
         onnx.save(_onnx_graph(probe, np.random.default_rng(0)), str(Path(tmp) / "probe.onnx"))
-        graph = _optimized(Path(tmp) / "probe.onnx", Path(tmp) / "probe.opt.onnx").graph
+        graph = runtime_graph(Path(tmp) / "probe.onnx", Path(tmp) / "probe.opt.onnx").graph
     if not any(node.domain == NCHWC_DOMAIN for node in graph.node):
         return 1
     weight = next(init for init in graph.initializer if init.name == graph.node[0].input[1])
@@ -383,7 +383,7 @@ def _in_chain(plain: Path, target: Path, site: LayerSite, block: int) -> Path:
     import onnx
     from onnx import helper
 
-    model = _optimized(plain, target)
+    model = runtime_graph(plain, target)
     graph = model.graph
     nodes = list(graph.node)
     if site.op != "conv2d" or block <= 1:
