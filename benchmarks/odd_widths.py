@@ -89,9 +89,14 @@ def odd_pairs(model: nn.Module, block: int) -> list[str]:
     return [name for name, pair in ungrouped_pairs(model).items() if pair.encoder.out_channels % block]
 
 
+def model_file(folder: Path, name: str) -> Path:
+    """Where a model's ONNX file is exported for timing (and read again to count its runtime nodes)."""
+    return folder / f"{name}.onnx"
+
+
 def session_call(model: nn.Module, x: torch.Tensor, folder: Path, name: str) -> Callable[[], object]:
     """One batch-1, one-thread ONNX Runtime call of the model as `compress measure` runs it."""
-    session = export.ort_session(export.export_onnx(model, x, folder / f"{name}.onnx"), threads=1)
+    session = export.ort_session(export.export_onnx(model, x, model_file(folder, name)), threads=1)
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
 
@@ -124,20 +129,20 @@ def parse_study(text: str) -> tuple[str, str, dict[str, float]]:
     return name, method, {field: float(value)}
 
 
-def runtime_nodes(model: nn.Module, x: torch.Tensor, folder: Path, name: str) -> int:
-    """Nodes of the graph ONNX Runtime runs for the model (after its own fusions and layout changes)."""
-    source = export.export_onnx(model, x, folder / f"{name}.nodes.onnx")
-    return len(runtime_graph(source, folder / f"{name}.optimized.onnx").graph.node)
+def runtime_nodes(source: Path) -> int:
+    """Nodes of the graph ONNX Runtime runs for an ONNX file (after its own fusions and layout changes)."""
+    return len(runtime_graph(source, source.with_suffix(".optimized.onnx")).graph.node)
 
 
 def where_time_goes(odd: nn.Module, twin: nn.Module, bench: Bench, folder: Path) -> dict:
-    """ORT's profiler on both (interleaved): the layers' time and the time between nodes, with the node counts."""
+    """ORT's profiler on both (interleaved): the layers' time and the time between nodes, with the node counts
+    (of the files `session_call` exported as "odd" and "padded")."""
     settings = LatencySettings(backends=(ONNXRUNTIME_CPU,), batches=(1,), threads=1, runs=10, warmup=10)
     tables = measure_layer_times(odd, twin, bench.inputs, bench.calibration, settings, folder / "profile", top=1000)
     by_role = {table.model: table for table in tables}
     return {role: {"profiled_total_ms": table.total_ms, "between_nodes_ms": table.unattributed.ms,
-                   "nodes": runtime_nodes(model, bench.example, folder, role)}
-            for role, table, model in (("odd", by_role[CANDIDATE], odd), ("padded", by_role[BASELINE], twin))}
+                   "nodes": runtime_nodes(model_file(folder, role))}
+            for role, table in (("odd", by_role[CANDIDATE]), ("padded", by_role[BASELINE]))}
 
 
 def study(name: str, method: str, setting: dict[str, float], runs: int) -> dict:
@@ -163,18 +168,18 @@ def study(name: str, method: str, setting: dict[str, float], runs: int) -> dict:
         original_ms, odd_ms = paired_ms(calls["original"], calls["odd"], runs)
         padded_ms, odd_beside_padded = paired_ms(calls["padded"], calls["odd"], runs)
         unblocked = paired_ms(unblocked_call(twin, x, folder, "padded"), unblocked_call(model, x, folder, "odd"), runs)
-        rows = []
+        rows, pairs, twin_ms = [], ungrouped_pairs(model), predicted(twin)
         for pair in odd:
             base, single = paired_ms(calls["padded"], calls[pair], runs)
-            module = ungrouped_pairs(model)[pair]
+            module = pairs[pair]
             rows.append({"pair": pair, "rank": module.encoder.out_channels, "in": module.encoder.in_channels,
                          "out": module.decoder.out_channels, "measured_ms": single - base,
-                         "predicted_ms": predicted(one_odd[pair]) - predicted(twin)})
+                         "predicted_ms": predicted(one_odd[pair]) - twin_ms})
         profile = where_time_goes(model, twin, bench, folder)
-    pred = {key: predicted(m) for key, m in (("original", original), ("odd", model), ("padded", twin))}
+    pred = {"original": predicted(original), "odd": predicted(model), "padded": twin_ms}
     bench.costs.save()
     return {"model": name, "method": method, "setting": setting, "block": block, "runs": runs,
-            "pairs": len(ungrouped_pairs(model)), "odd_pairs": len(odd),
+            "pairs": len(pairs), "odd_pairs": len(odd),
             "measured": {"original_ms": original_ms, "odd_ms": odd_ms, "odd_ratio": odd_ms / original_ms,
                          "padded_ms": padded_ms, "odd_beside_padded_ms": odd_beside_padded,
                          "padded_over_odd": padded_ms / odd_beside_padded,
