@@ -1,8 +1,8 @@
 """Odd low-rank widths inside a model: what they cost on ONNX Runtime, and what the cost table sees (issue 11).
 
 Goal 4 of issue 11 (predicted whole-model latency within 15% of measured) misses on rows whose ranks are
-arbitrary: svd-energy at a parameter budget and ALDS `--no-priced` (reports/speed.md). This benchmark isolates
-why. It builds a method's decomposition of a bench-speed model, then the same model with every ungrouped low-rank
+arbitrary: the allocations by weights alone (`--no-priced`) of ALDS and svd-energy (reports/speed.md). This
+benchmark isolates why. It builds a method's decomposition of a bench-speed model, then the same model with every ungrouped low-rank
 pair's inner width zero-padded up to a multiple of ONNX Runtime's NCHWc block on this CPU (the outputs are
 unchanged: checked), and times on ONNX Runtime at batch 1, one thread:
 
@@ -15,7 +15,7 @@ unchanged: checked), and times on ONNX Runtime at batch 1, one thread:
 Predictions are `compress.measure.costs.predict_ms` with the bench's cost table (`runs/bench-speed/costs`) and
 the original's time outside its layers, as bench_speed.py predicts its rows. Writes reports/odd_widths.{md,json}.
 
-    python benchmarks/odd_widths.py [--studies rescnn:svd-energy:keep=0.5,...] [--runs 300]
+    python benchmarks/odd_widths.py [--studies rescnn:svd-energy:keep=0.5+priced=false,...] [--runs 300]
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from compress.methods.alds import LowRank
 
 CONFIGS = {"svd-energy": SVDEnergyConfig, "svd": SVDConfig, "alds": ALDSConfig}
 # two unpriced allocations (arbitrary ranks) and a priced one (ranks in steps of 8)
-STUDIES = ("rescnn:svd-energy:keep=0.5", "mobilenet_v2:svd-energy:keep=0.5", "mobilenet_v2:alds:latency_keep=0.6")
+STUDIES = ("rescnn:svd-energy:keep=0.5+priced=false", "mobilenet_v2:svd-energy:keep=0.5+priced=false",
+           "mobilenet_v2:alds:latency_keep=0.6")
 
 
 def ungrouped_pairs(model: nn.Module) -> dict[str, LowRank]:
@@ -122,11 +123,20 @@ def paired_ms(first: Callable[[], object], second: Callable[[], object], runs: i
     return 1e3 * statistics.median(a), 1e3 * statistics.median(b)
 
 
-def parse_study(text: str) -> tuple[str, str, dict[str, float]]:
-    """MODEL:METHOD:FIELD=VALUE (e.g. mobilenet_v2:alds:latency_keep=0.6) as its parts."""
-    name, method, setting = text.split(":")
-    field, value = setting.split("=")
-    return name, method, {field: float(value)}
+def parse_study(text: str) -> tuple[str, str, dict[str, float | bool]]:
+    """MODEL:METHOD:FIELD=VALUE[+FIELD=VALUE...] (e.g. rescnn:svd-energy:keep=0.5+priced=false) as its parts."""
+    name, method, settings = text.split(":")
+    fields = dict(setting.split("=") for setting in settings.split("+"))
+    return name, method, {field: value == "true" if value in ("true", "false") else float(value)
+                          for field, value in fields.items()}
+
+
+def cli_flag(field: str, value: float | bool) -> str:
+    """A config field as `compress prune` spells it (--keep 0.5, --no-priced)."""
+    flag = field.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
 
 
 def runtime_nodes(source: Path) -> int:
@@ -145,7 +155,7 @@ def where_time_goes(odd: nn.Module, twin: nn.Module, bench: Bench, folder: Path)
             for role, table in (("odd", by_role[CANDIDATE]), ("padded", by_role[BASELINE]))}
 
 
-def study(name: str, method: str, setting: dict[str, float], runs: int) -> dict:
+def study(name: str, method: str, setting: dict[str, float | bool], runs: int) -> dict:
     """One model: the decomposition, its padded twin and each odd pair, measured and predicted."""
     original, splits, info = load_bench_model(name)
     bench = Bench(name, original, splits, info, {1: runs}, 1, 0)
@@ -199,7 +209,7 @@ def render(payload: dict) -> str:
              "(the same outputs). Predicted: the cost table, as reports/speed.md predicts its rows."), ""]
     for study_ in payload["studies"]:
         m, p = study_["measured"], study_["predicted"]
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in study_["setting"].items())
+        flags = " ".join(cli_flag(k, v) for k, v in study_["setting"].items())
         lines += [f"## {study_['model']}, {study_['method']} {flags}", "",
                   (f"{study_['odd_pairs']} of {study_['pairs']} pairs have a width that is not a multiple of the "
                   f"block ({study_['block']})."), "",

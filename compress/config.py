@@ -219,7 +219,7 @@ NO_SLOWER = 1.0  # the latency budget a priced run keeps when none is asked for:
 
 
 def latency_keep_of(cfg: Any) -> float | None:
-    """The latency budget of a low-rank config: `latency_keep`, else NO_SLOWER when it is priced (ALDS by default),
+    """The latency budget of a low-rank config: `latency_keep`, else NO_SLOWER when it is priced (the default),
     else none."""
     if cfg.latency_keep is not None:
         return cfg.latency_keep
@@ -244,13 +244,14 @@ _LATENCY_KEEP = {"help": "Fraction of the original's latency on --backend to kee
 _BACKEND = {"help": "Backend whose measured layer times price each choice (--latency-keep, --latency-target).",
             "choices": LATENCY_BACKENDS}
 _LATENCY_BATCH = {"help": "Batch size the layers are priced at (--latency-keep, --latency-target)."}
-_RANK_STEP = {"help": "Priced (the ALDS default, or --latency-keep): ranks (and k x rank) are multiples of this, "
+_RANK_STEP = {"help": "Priced (the default, or --latency-keep): ranks (and k x rank) are multiples of this, "
                       "which blocked kernels run fast."}
-_DENSE_MARGIN = {"help": "Priced (the ALDS default, or --latency-keep): a layer stays dense unless its best low-rank "
+_DENSE_MARGIN = {"help": "Priced (the default, or --latency-keep): a layer stays dense unless its best low-rank "
                          "form saves this fraction of its time."}
 _PRICED = {"help": "Price each layer's choices on --backend (ranks in steps of --rank-step, fast shapes only) and "
                     "ship no slower than the original even without --latency-keep; --no-priced: the paper's "
-                    "allocation by weights alone (every rank; the model may run slower than the original)."}
+                    "allocation (or the textbook baseline) by weights alone (every rank; the model may run slower "
+                    "than the original)."}
 _DECOMPOSE = {"help": "Decompose only modules matching (glob or re:REGEX)."}
 _LEAVE = {"help": "Never decompose modules matching (glob or re:REGEX)."}
 
@@ -316,13 +317,20 @@ class ALDSConfig(ConfigBase):
 
 @dataclass(frozen=True, kw_only=True)
 class SVDConfig(ConfigBase):
-    """Truncated SVD baseline (k = 1): one relative rank for every layer, chosen to meet the budget."""
+    """Truncated SVD baseline (k = 1): one relative rank for every layer, chosen to meet the budget.
+
+    Budgets as ALDS's: `keep`, `macs_keep` and/or `latency_keep`, and `priced` (the default: the choices priced on
+    `backend`, never slower than the original) or `priced = False` (the textbook baseline by weights alone: every
+    rank, however it runs).
+    """
 
     cli_panel: ClassVar[str] = "ALDS / SVD"
 
     keep: float | None = field(default=None, metadata=_KEEP)
     macs_keep: float | None = field(default=None, metadata=_MACS_KEEP)
     latency_keep: float | None = field(default=None, metadata=_LATENCY_KEEP)
+    # as ALDS: a baseline compared at the same budget should run on the same backend by the same rules
+    priced: bool = field(default=True, metadata=_PRICED)
     backend: str = field(default="onnxruntime-cpu", metadata=_BACKEND)
     latency_batch: int = field(default=1, metadata=_LATENCY_BATCH)
     rank_step: int = field(default=8, metadata=_RANK_STEP)

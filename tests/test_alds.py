@@ -313,8 +313,7 @@ def test_min_max_optimality_small(method, keep):
     """ALDS is min-max in its bound; so are the baselines' ranks in their own levels, which the bound need not be:
     only ALDS is checked for the bound, the others for being decomposed at all."""
     model = digits_cnn()
-    paper = {"priced": False} if method == "alds" else {}
-    cfg = {"alds": ALDSConfig, "svd": SVDConfig, "svd-energy": SVDEnergyConfig}[method](keep=keep, **paper)
+    cfg = {"alds": ALDSConfig, "svd": SVDConfig, "svd-energy": SVDEnergyConfig}[method](keep=keep, priced=False)
     result = run(method, model, cfg, torch.randn(1, 1, 8, 8))
     if method == "alds":
         check_min_max(digits_cnn(), result)
@@ -351,9 +350,10 @@ def test_fixed_k_allocation_is_monotone_in_the_budget():
     assert last == 0.0  # keep 1.0: every layer stays dense
 
 
-@pytest.mark.parametrize("method,cfg", [("svd", SVDConfig(keep=0.3)),
-                                        ("svd", SVDConfig(keep=0.5)), ("svd-energy", SVDEnergyConfig(keep=0.3)),
-                                        ("svd-energy", SVDEnergyConfig(keep=0.5))])
+@pytest.mark.parametrize("method,cfg", [("svd", SVDConfig(keep=0.3, priced=False)),
+                                        ("svd", SVDConfig(keep=0.5, priced=False)),
+                                        ("svd-energy", SVDEnergyConfig(keep=0.3, priced=False)),
+                                        ("svd-energy", SVDEnergyConfig(keep=0.5, priced=False))])
 def test_keep_ratio_met_over_all_parameters(method, cfg):
     model = resnet18()
     original = copy.deepcopy(model)
@@ -431,13 +431,14 @@ def test_same_seed_same_allocation():
 
 def test_baselines_follow_their_rules():
     model = resnet18()
-    svd = run("svd", model, SVDConfig(keep=0.4), torch.randn(1, 3, 32, 32))
+    svd = run("svd", model, SVDConfig(keep=0.4, priced=False), torch.randn(1, 3, 32, 32))
     cut = [row for row in svd.layers if row["decomposed"]]
     assert all(row["groups"] == 1 for row in cut)
     relative = [row["rank"] / row["max_rank"] for row in cut]
     # one relative rank, up to rounding to whole ranks
     assert max(relative) - min(relative) <= max(1.0 / row["max_rank"] for row in cut) + 1e-9
-    energy = run("svd-energy", digits_cnn(), SVDEnergyConfig(keep=0.4), torch.randn(1, 1, 8, 8))
+    energy = run("svd-energy", digits_cnn(), SVDEnergyConfig(keep=0.4, priced=False),
+                 torch.randn(1, 1, 8, 8))
     kept = energy.summary["energy_kept"]
     modules = dict(digits_cnn().named_modules())
     for row in energy.layers:
@@ -539,7 +540,8 @@ def test_report_has_keep_section_and_rows(alds_run):
     assert report["summary"]["eps_star"] > 0
 
 
-@pytest.mark.parametrize("method,cfg", [("svd", SVDConfig(keep=0.5)), ("svd-energy", SVDEnergyConfig(keep=0.5))])
+@pytest.mark.parametrize("method,cfg", [("svd", SVDConfig(keep=0.5, priced=False)),
+                                        ("svd-energy", SVDEnergyConfig(keep=0.5, priced=False))])
 def test_baseline_artifacts_round_trip(method, cfg, tmp_path, digits):
     out = tmp_path / method
     report = api.prune(api.ModelSource(spec=DIGITS_SPEC), cfg,
@@ -592,7 +594,7 @@ def test_cli_prune_alds(runner, tmp_path):
 
 def test_cli_recipe_with_a_baseline(runner, tmp_path):
     recipe = tmp_path / "svd.yaml"
-    recipe.write_text("method: svd-energy\nconfig:\n  keep: 0.6\n  exclude: [head.2]\n")
+    recipe.write_text("method: svd-energy\nconfig:\n  keep: 0.6\n  priced: false\n  exclude: [head.2]\n")
     out = tmp_path / "svd"
     result = runner.invoke(app, ["prune", "--recipe", str(recipe), "--json", "--out", str(out), *SMALL])
     assert result.exit_code == 0, result.output

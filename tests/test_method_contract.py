@@ -45,12 +45,13 @@ from tests.test_report_schema import problems as schema_problems
 # Config fields for methods whose defaults cannot meet their own audit on a 3.8k-parameter model. Only a
 # fallback: every other method runs at its config's defaults. The low-rank methods' default keep = 0.5 of all
 # parameters is out of reach within KEEP_TOLERANCE (0.5%) here, where one rank step of a layer is ~4% of the
-# network; 0.56 is reachable by all three. Layers this small run no faster decomposed, so ALDS's default (priced on
-# the backend) refuses them: the contract runs its allocation by weights; test_pricing covers the priced path.
+# network; 0.56 is reachable by all three. Layers this small run no faster decomposed, so the low-rank default
+# (priced on the backend) refuses them: the contract runs their allocation by weights; test_pricing covers the
+# priced path.
 SMALL_SETTINGS: dict[str, dict[str, Any]] = {
     "alds": {"keep": 0.56, "priced": False},
-    "svd": {"keep": 0.56},
-    "svd-energy": {"keep": 0.56},
+    "svd": {"keep": 0.56, "priced": False},
+    "svd-energy": {"keep": 0.56, "priced": False},
 }
 
 
